@@ -1,0 +1,128 @@
+//! Connecting to RabbitMQ: one node, or a cluster given as a comma-separated list of URLs,
+//! tried in order. Reconnection policy lives with each binary (ingest's publisher and the
+//! processor's consumer loop), since each reacts to a lost connection differently.
+
+use std::fmt;
+
+use lapin::{Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+/// The broker URLs. They may hold a password, so `Debug` and `Display` redact it.
+#[derive(Clone)]
+pub struct AmqpUrls(Vec<SecretString>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("AMQP_URL is empty")]
+    NoUrl,
+    #[error("AMQP_URL entry #{position} does not start with amqp:// or amqps://")]
+    BadScheme { position: usize },
+    #[error("could not connect to any RabbitMQ node: {0}")]
+    Unreachable(String),
+    #[error("RabbitMQ refused {what}: {source}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl AmqpUrls {
+    pub fn parse(raw: &str) -> Result<Self, BrokerError> {
+        let urls: Vec<SecretString> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .enumerate()
+            .map(|(i, url)| {
+                if url.starts_with("amqp://") || url.starts_with("amqps://") {
+                    Ok(SecretString::from(url.to_owned()))
+                } else {
+                    Err(BrokerError::BadScheme { position: i + 1 })
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        if urls.is_empty() {
+            return Err(BrokerError::NoUrl);
+        }
+        Ok(Self(urls))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Connects to the first node that answers, starting at `start` (so that a client
+    /// that lost node k tries k+1 first). Returns the connection and the node's index.
+    pub async fn connect(
+        &self,
+        start: usize,
+        connection_name: &str,
+    ) -> Result<(Connection, usize), BrokerError> {
+        let mut failures = Vec::new();
+        for offset in 0..self.0.len() {
+            let index = (start + offset) % self.0.len();
+            let url = self.0[index].expose_secret();
+            let properties = ConnectionProperties::default()
+                .with_connection_name(connection_name.as_bytes().to_vec().into());
+            match Connection::connect(url, properties).await {
+                Ok(connection) => return Ok((connection, index)),
+                Err(error) => failures.push(format!("{}: {error}", redact(url))),
+            }
+        }
+        Err(BrokerError::Unreachable(failures.join("; ")))
+    }
+}
+
+impl fmt::Debug for AmqpUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for AmqpUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: Vec<String> = self.0.iter().map(|u| redact(u.expose_secret())).collect();
+        f.write_str(&shown.join(","))
+    }
+}
+
+/// `amqp://user:pass@host:5672/vhost` → `amqp://user:***@host:5672/vhost`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists_and_redacts() {
+        let urls = AmqpUrls::parse("amqp://u:secret@a:5672/%2f, amqp://b:5673").unwrap();
+        assert_eq!(urls.len(), 2);
+        let shown = format!("{urls:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(shown, "amqp://u:***@a:5672/%2f,amqp://b:5673");
+    }
+
+    #[test]
+    fn rejects_bad_urls_without_echoing_them() {
+        let err = AmqpUrls::parse("amqp://a, http://u:pw@b").unwrap_err();
+        assert!(matches!(err, BrokerError::BadScheme { position: 2 }));
+        assert!(!err.to_string().contains("pw"));
+        assert!(matches!(AmqpUrls::parse(" , "), Err(BrokerError::NoUrl)));
+    }
+}

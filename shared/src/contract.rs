@@ -1,0 +1,164 @@
+//! The message contract between ingest and processor: what a message on the
+//! `stripe.events` exchange carries. One place, so both sides cannot drift apart.
+//!
+//! - body: the raw webhook body, byte for byte as Stripe sent it (the signature covers it);
+//! - routing key: the event type; `message_id`: the event id;
+//! - persistent (delivery mode 2), `content_type` `application/json`;
+//! - headers: [`HEADER_ENDPOINT`], [`HEADER_RECEIVED_AT`], and [`HEADER_ATTEMPT`] once a
+//!   message has been retried.
+
+use chrono::{DateTime, TimeZone, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Which webhook endpoint received the event (`booking`, `payment`, …).
+pub const HEADER_ENDPOINT: &str = "x-stripe-endpoint";
+/// When ingest received it, unix milliseconds.
+pub const HEADER_RECEIVED_AT: &str = "x-received-at-ms";
+/// Processing attempt this delivery stands for (1 for the first). Our own header: brokers
+/// from 3.13 on ignore an `x-death` header that a client republishes.
+pub const HEADER_ATTEMPT: &str = "x-attempt";
+
+const PERSISTENT: u8 = 2;
+
+/// An event as it travels through the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMessage {
+    pub event_id: String,
+    pub event_type: String,
+    pub endpoint: String,
+    pub received_at: DateTime<Utc>,
+    pub attempt: u32,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContractError {
+    #[error("message has no message_id (event id)")]
+    MissingEventId,
+    #[error("message header `{0}` is missing or has the wrong type")]
+    BadHeader(&'static str),
+    #[error("`{field}` is too long for an AMQP short string ({len} bytes)")]
+    TooLong { field: &'static str, len: usize },
+}
+
+pub fn short(field: &'static str, value: &str) -> Result<ShortString, ContractError> {
+    ShortString::try_new(value.to_owned()).map_err(|_| ContractError::TooLong {
+        field,
+        len: value.len(),
+    })
+}
+
+impl EventMessage {
+    /// Properties of the message as published: persistent, with id and headers.
+    pub fn properties(&self) -> Result<BasicProperties, ContractError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_ENDPOINT.into(),
+            AMQPValue::LongString(LongString::from(self.endpoint.as_bytes().to_vec())),
+        );
+        headers.insert(
+            HEADER_RECEIVED_AT.into(),
+            AMQPValue::LongLongInt(self.received_at.timestamp_millis()),
+        );
+        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(self.attempt.into()));
+        Ok(BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(short("event id", &self.event_id)?)
+            .with_type(short("event type", &self.event_type)?)
+            .with_timestamp(u64::try_from(self.received_at.timestamp()).unwrap_or(0))
+            .with_headers(headers))
+    }
+
+    /// Reads a delivered message back. `routing_key` is the key it was delivered with; the
+    /// event type comes from the `type` property when present, since retried messages
+    /// travel with another routing key.
+    pub fn from_delivery(
+        routing_key: &str,
+        properties: &BasicProperties,
+        body: Vec<u8>,
+    ) -> Result<Self, ContractError> {
+        let event_id = properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .ok_or(ContractError::MissingEventId)?;
+        let event_type = properties
+            .kind()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|| routing_key.to_owned());
+        let headers = properties.headers().clone().unwrap_or_default();
+        let endpoint = header_str(&headers, HEADER_ENDPOINT)
+            .ok_or(ContractError::BadHeader(HEADER_ENDPOINT))?;
+        let received_at = header_i64(&headers, HEADER_RECEIVED_AT)
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+            .ok_or(ContractError::BadHeader(HEADER_RECEIVED_AT))?;
+        let attempt = header_i64(&headers, HEADER_ATTEMPT)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(1);
+        Ok(Self {
+            event_id,
+            event_type,
+            endpoint,
+            received_at,
+            attempt,
+            body,
+        })
+    }
+}
+
+/// A header as text, whichever string type the sender used.
+pub fn header_str(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header as an integer, whichever integer type the sender (or a tool) used.
+pub fn header_i64(headers: &FieldTable, key: &str) -> Option<i64> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_properties() {
+        let msg = EventMessage {
+            event_id: "evt_1".into(),
+            event_type: "checkout.session.completed".into(),
+            endpoint: "booking".into(),
+            received_at: Utc.timestamp_millis_opt(1_764_000_000_123).unwrap(),
+            attempt: 3,
+            body: b"{}".to_vec(),
+        };
+        let props = msg.properties().unwrap();
+        assert_eq!(props.delivery_mode(), &Some(2));
+        let back = EventMessage::from_delivery("ignored.key", &props, b"{}".to_vec()).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn missing_id_is_an_error() {
+        let props = BasicProperties::default();
+        assert!(matches!(
+            EventMessage::from_delivery("a.b", &props, vec![]),
+            Err(ContractError::MissingEventId)
+        ));
+    }
+}
