@@ -1,1 +1,19 @@
+//! Processor: the database side of the pipeline.
+//!
+//! It consumes the events ingest queued, and for each runs one PostgreSQL transaction that
+//! records the event and applies its effect (a paid checkout session becomes a purchase
+//! with its revenue-split snapshot and an access grant). Handling is idempotent, so the
+//! broker's at-least-once delivery turns into an exactly-once effect. Transient failures
+//! retry through delay queues; permanent ones go to the dead-letter queue with the reason.
+//!
+//! - [`config`]: settings and subcommands; [`worker`]: consuming and settling deliveries;
+//! - [`handler`]: what each event type does; [`checkout`]: sessions and their metadata;
+//! - [`db`]: queries and migrations; [`split`]: the revenue split; [`error`]: failure classes.
 
+pub mod checkout;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod handler;
+pub mod split;
+pub mod worker;

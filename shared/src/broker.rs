@@ -126,3 +126,62 @@ mod tests {
         assert!(matches!(AmqpUrls::parse(" , "), Err(BrokerError::NoUrl)));
     }
 }
+
+/// Why a confirmed publish did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfirmError {
+    #[error("RabbitMQ channel failed: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key `{routing_key}` ({reply})")]
+    Unroutable { routing_key: String, reply: String },
+    #[error("RabbitMQ did not confirm the message: confirms are off on the channel")]
+    NotConfirmed,
+}
+
+impl ConfirmError {
+    /// Whether the channel should be replaced: an unroutable message says nothing bad
+    /// about the channel.
+    pub fn channel_suspect(&self) -> bool {
+        !matches!(self, Self::Unroutable { .. })
+    }
+}
+
+/// Publishes a persistent, mandatory message on a channel in confirm mode and waits for
+/// the broker's answer. `Ok` means a queue has it durably. An unroutable message comes back
+/// as an ack carrying the returned message: that is a failure too.
+pub async fn publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> Result<(), ConfirmError> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            crate::contract::short("routing key", routing_key)
+                .map_err(|_| ConfirmError::Unroutable {
+                    routing_key: routing_key.chars().take(64).collect(),
+                    reply: "routing key longer than 255 bytes".into(),
+                })?,
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(ConfirmError::Channel)?;
+    match confirm.await.map_err(ConfirmError::Channel)? {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        lapin::Confirmation::Ack(Some(returned)) => Err(ConfirmError::Unroutable {
+            routing_key: routing_key.to_owned(),
+            reply: returned.reply_text.to_string(),
+        }),
+        lapin::Confirmation::Nack(_) => Err(ConfirmError::Nacked),
+        lapin::Confirmation::NotRequested => Err(ConfirmError::NotConfirmed),
+    }
+}

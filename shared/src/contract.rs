@@ -19,7 +19,74 @@ pub const HEADER_RECEIVED_AT: &str = "x-received-at-ms";
 /// from 3.13 on ignore an `x-death` header that a client republishes.
 pub const HEADER_ATTEMPT: &str = "x-attempt";
 
+/// Dead letters and retries: why the message failed.
+pub const HEADER_FAILURE_CLASS: &str = "x-failure-class";
+/// The last error, as text.
+pub const HEADER_LAST_ERROR: &str = "x-last-error";
+/// When handling first failed, unix milliseconds.
+pub const HEADER_FIRST_FAILURE_AT: &str = "x-first-failure-at-ms";
+/// When handling last failed, unix milliseconds.
+pub const HEADER_LAST_FAILURE_AT: &str = "x-last-failure-at-ms";
+/// The routing key (event type) the message was first published with.
+pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+
 const PERSISTENT: u8 = 2;
+
+/// The failure a retried or dead-lettered message carries in its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureInfo {
+    /// `transient`, `permanent` or `crash`.
+    pub class: String,
+    pub last_error: String,
+    pub first_failure_at: DateTime<Utc>,
+    pub last_failure_at: DateTime<Utc>,
+    pub original_routing_key: String,
+}
+
+impl FailureInfo {
+    /// Reads the failure headers a message already carries (from an earlier failure).
+    pub fn read(headers: &FieldTable) -> Option<Self> {
+        let at = |key| header_i64(headers, key).and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+        Some(Self {
+            class: header_str(headers, HEADER_FAILURE_CLASS)?,
+            last_error: header_str(headers, HEADER_LAST_ERROR).unwrap_or_default(),
+            first_failure_at: at(HEADER_FIRST_FAILURE_AT)?,
+            last_failure_at: at(HEADER_LAST_FAILURE_AT)?,
+            original_routing_key: header_str(headers, HEADER_ORIGINAL_ROUTING_KEY)
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Writes these failure headers, replacing earlier ones.
+    pub fn write(&self, headers: &mut FieldTable) {
+        headers.insert(HEADER_FAILURE_CLASS.into(), long_string(&self.class));
+        headers.insert(HEADER_LAST_ERROR.into(), long_string(&self.last_error));
+        headers.insert(
+            HEADER_FIRST_FAILURE_AT.into(),
+            AMQPValue::LongLongInt(self.first_failure_at.timestamp_millis()),
+        );
+        headers.insert(
+            HEADER_LAST_FAILURE_AT.into(),
+            AMQPValue::LongLongInt(self.last_failure_at.timestamp_millis()),
+        );
+        headers.insert(
+            HEADER_ORIGINAL_ROUTING_KEY.into(),
+            long_string(&self.original_routing_key),
+        );
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// The same properties with `headers` changed by `edit`: how a message is re-published to a
+/// retry or dead-letter queue, keeping everything else it carried.
+pub fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    edit(&mut headers);
+    properties.clone().with_headers(headers).with_delivery_mode(PERSISTENT)
+}
 
 /// An event as it travels through the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +120,7 @@ impl EventMessage {
     /// Properties of the message as published: persistent, with id and headers.
     pub fn properties(&self) -> Result<BasicProperties, ContractError> {
         let mut headers = FieldTable::default();
-        headers.insert(
-            HEADER_ENDPOINT.into(),
-            AMQPValue::LongString(LongString::from(self.endpoint.as_bytes().to_vec())),
-        );
+        headers.insert(HEADER_ENDPOINT.into(), long_string(&self.endpoint));
         headers.insert(
             HEADER_RECEIVED_AT.into(),
             AMQPValue::LongLongInt(self.received_at.timestamp_millis()),

@@ -5,12 +5,14 @@
 //! - [`contract`]: the message contract between ingest and processor (properties, headers).
 //! - [`topology`]: exchange and queue names and their declaration.
 //! - [`broker`]: connecting to RabbitMQ (one URL or a comma-separated list of nodes).
-//! - [`config`] and [`telemetry`]: settings and logging common to both binaries.
+//! - [`config`], [`telemetry`] and [`shutdown`]: settings, logging and the stop signal
+//!   common to both binaries.
 
 pub mod broker;
 pub mod config;
 pub mod contract;
 pub mod envelope;
+pub mod shutdown;
 pub mod signature;
 pub mod telemetry;
 pub mod topology;

@@ -1,0 +1,185 @@
+//! Ingest's settings: flags with environment fallbacks, validated at start-up.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use shared::config::{BrokerArgs, LogArgs, parse_duration};
+use shared::signature::{DEFAULT_TOLERANCE_SECS, SecretError, WebhookSecret};
+
+/// The webhook endpoints Stripe may post to; each has its own secrets.
+pub const ENDPOINTS: [&str; 6] = [
+    "booking",
+    "payment",
+    "subscription",
+    "connect",
+    "customer",
+    "dispute",
+];
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "ingest", version, about = "Receives Stripe webhooks and hands them to RabbitMQ")]
+pub struct Config {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+
+    /// Largest accepted difference, in seconds, between a signature's timestamp and now.
+    #[arg(long, env = "STRIPE_WEBHOOK_TOLERANCE_SECS", default_value_t = DEFAULT_TOLERANCE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub tolerance_secs: u64,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=64 * 1024 * 1024))]
+    pub max_body_bytes: u64,
+
+    /// Webhook requests per minute allowed from one source IP; 0 turns the limit off.
+    #[arg(long, env = "INGEST_RATE_LIMIT_PER_MINUTE", default_value_t = 1000)]
+    pub rate_limit_per_minute: u32,
+
+    /// How long to wait for RabbitMQ's publisher confirm before answering 503.
+    #[arg(long, env = "INGEST_CONFIRM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub confirm_timeout: Duration,
+
+    /// How long a client may take to send its request body before getting 408.
+    #[arg(long, env = "INGEST_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// AMQP channels publishes are spread over (all on one connection).
+    #[arg(long, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publish_channels: u16,
+
+    /// On SIGTERM, how long in-flight requests may take to finish before exit.
+    #[arg(long, env = "INGEST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    #[command(flatten)]
+    pub secrets: SecretArgs,
+}
+
+/// `whsec_…` secrets per endpoint, each a comma-separated list (rotation).
+#[derive(Clone, clap::Args)]
+pub struct SecretArgs {
+    /// Secrets of /webhooks/stripe/booking.
+    #[arg(long = "secret-booking", env = "STRIPE_WEBHOOK_SECRET_BOOKING", hide_env_values = true, value_parser = secret)]
+    pub booking: Option<SecretString>,
+    /// Secrets of /webhooks/stripe/payment.
+    #[arg(long = "secret-payment", env = "STRIPE_WEBHOOK_SECRET_PAYMENT", hide_env_values = true, value_parser = secret)]
+    pub payment: Option<SecretString>,
+    /// Secrets of /webhooks/stripe/subscription.
+    #[arg(long = "secret-subscription", env = "STRIPE_WEBHOOK_SECRET_SUBSCRIPTION", hide_env_values = true, value_parser = secret)]
+    pub subscription: Option<SecretString>,
+    /// Secrets of /webhooks/stripe/connect.
+    #[arg(long = "secret-connect", env = "STRIPE_WEBHOOK_SECRET_CONNECT", hide_env_values = true, value_parser = secret)]
+    pub connect: Option<SecretString>,
+    /// Secrets of /webhooks/stripe/customer.
+    #[arg(long = "secret-customer", env = "STRIPE_WEBHOOK_SECRET_CUSTOMER", hide_env_values = true, value_parser = secret)]
+    pub customer: Option<SecretString>,
+    /// Secrets of /webhooks/stripe/dispute.
+    #[arg(long = "secret-dispute", env = "STRIPE_WEBHOOK_SECRET_DISPUTE", hide_env_values = true, value_parser = secret)]
+    pub dispute: Option<SecretString>,
+}
+
+impl fmt::Debug for SecretArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set: Vec<&str> = self.by_endpoint().filter(|(_, s)| s.is_some()).map(|(e, _)| e).collect();
+        write!(f, "SecretArgs {{ set for: {set:?} }}")
+    }
+}
+
+// Never fails, so clap never echoes a secret in an "invalid value" message; the checks
+// happen in `Config::endpoint_secrets`, whose errors name only the variable.
+fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(raw.to_owned()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no webhook endpoint has a secret: set at least one of STRIPE_WEBHOOK_SECRET_BOOKING, \
+         _PAYMENT, _SUBSCRIPTION, _CONNECT, _CUSTOMER or _DISPUTE"
+    )]
+    NoEndpoint,
+    #[error("{variable}: {source}")]
+    BadSecret {
+        variable: String,
+        #[source]
+        source: SecretError,
+    },
+}
+
+impl SecretArgs {
+    fn by_endpoint(&self) -> impl Iterator<Item = (&'static str, Option<&SecretString>)> {
+        ENDPOINTS.into_iter().zip([
+            self.booking.as_ref(),
+            self.payment.as_ref(),
+            self.subscription.as_ref(),
+            self.connect.as_ref(),
+            self.customer.as_ref(),
+            self.dispute.as_ref(),
+        ])
+    }
+
+    /// The served endpoints and their parsed secrets. An endpoint whose variable is unset or
+    /// empty is not served.
+    pub fn endpoint_secrets(&self) -> Result<BTreeMap<String, Vec<WebhookSecret>>, ConfigError> {
+        let mut served = BTreeMap::new();
+        for (endpoint, raw) in self.by_endpoint() {
+            let Some(raw) = raw.map(|s| s.expose_secret().trim()).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let secrets = WebhookSecret::parse_list(raw).map_err(|source| ConfigError::BadSecret {
+                variable: format!("STRIPE_WEBHOOK_SECRET_{}", endpoint.to_uppercase()),
+                source,
+            })?;
+            served.insert(endpoint.to_owned(), secrets);
+        }
+        if served.is_empty() {
+            return Err(ConfigError::NoEndpoint);
+        }
+        Ok(served)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("ingest").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn no_secret_is_an_error() {
+        let err = parse(&[]).secrets.endpoint_secrets().unwrap_err();
+        assert!(matches!(err, ConfigError::NoEndpoint));
+    }
+
+    #[test]
+    fn malformed_secret_names_the_variable_not_the_value() {
+        let config = parse(&["--secret-payment", "whsec_ok,sk_live_oops"]);
+        let message = config.secrets.endpoint_secrets().unwrap_err().to_string();
+        assert!(message.contains("STRIPE_WEBHOOK_SECRET_PAYMENT"), "{message}");
+        assert!(!message.contains("sk_live_oops"), "{message}");
+        assert!(!format!("{config:?}").contains("whsec_ok"));
+    }
+
+    #[test]
+    fn only_endpoints_with_secrets_are_served() {
+        let config = parse(&["--secret-booking", "whsec_a,whsec_b", "--secret-dispute", ""]);
+        let served = config.secrets.endpoint_secrets().unwrap();
+        assert_eq!(served.keys().collect::<Vec<_>>(), ["booking"]);
+        assert_eq!(served["booking"].len(), 2);
+    }
+}

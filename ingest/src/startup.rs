@@ -1,0 +1,139 @@
+//! Building the application from its configuration, and serving it until shutdown.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use shared::signature::WebhookSecret;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::{Config, ConfigError};
+use crate::publisher::{Publisher, PublisherSettings};
+use crate::rate_limit::{self, IpRateLimit};
+use crate::routes;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub endpoints: Arc<BTreeMap<String, Vec<WebhookSecret>>>,
+    pub publisher: Publisher,
+    pub tolerance_secs: u64,
+    pub max_body_bytes: u64,
+    pub body_timeout: Duration,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    publisher: Publisher,
+    shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on INGEST_ADDR {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Application {
+    /// Validates the configuration, binds the port and starts connecting to the broker.
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        let endpoints = config.secrets.endpoint_secrets()?;
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.addr,
+                source,
+            })?;
+        let publisher = Publisher::start(PublisherSettings {
+            urls: config.broker.amqp_url.clone(),
+            topology: config.broker.topology(),
+            channels: usize::from(config.publish_channels),
+            confirm_timeout: config.confirm_timeout,
+        });
+        tracing::info!(endpoints = ?endpoints.keys().collect::<Vec<_>>(), "serving webhook endpoints");
+        let state = AppState {
+            endpoints: Arc::new(endpoints),
+            publisher: publisher.clone(),
+            tolerance_secs: config.tolerance_secs,
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+        };
+        let router = router(state, IpRateLimit::per_minute(config.rate_limit_per_minute));
+        Ok(Self {
+            listener,
+            router,
+            publisher,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
+    /// finish (each is either confirmed or answered 503), and closes the broker connection.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        };
+        let server = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal);
+        let server = std::pin::pin!(server.into_future());
+        let timeout = self.shutdown_timeout;
+        let result = tokio::select! {
+            result = server => result,
+            () = async {
+                let _ = stopping_rx.await;
+                tokio::time::sleep(timeout).await;
+            } => {
+                tracing::warn!(?timeout, "in-flight requests did not finish in time; exiting");
+                Ok(())
+            }
+        };
+        self.publisher.close().await;
+        tracing::info!("ingest stopped");
+        result
+    }
+}
+
+pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
+    // The body is read by the handler itself under its own size and time limits.
+    let mut webhook = Router::new()
+        .route(
+            "/webhooks/stripe/{endpoint}",
+            post(routes::receive).fallback(routes::method_not_allowed),
+        )
+        .layer(DefaultBodyLimit::disable());
+    if let Some(limit) = rate_limit {
+        webhook = webhook.route_layer(axum::middleware::from_fn_with_state(limit, rate_limit::enforce));
+    }
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .merge(webhook)
+        .fallback(routes::not_found)
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
