@@ -20,7 +20,11 @@ pub const ENDPOINTS: [&str; 6] = [
 ];
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "ingest", version, about = "Receives Stripe webhooks and hands them to RabbitMQ")]
+#[command(
+    name = "ingest",
+    version,
+    about = "Receives Stripe webhooks and hands them to RabbitMQ"
+)]
 pub struct Config {
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -92,7 +96,11 @@ pub struct SecretArgs {
 
 impl fmt::Debug for SecretArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let set: Vec<&str> = self.by_endpoint().filter(|(_, s)| s.is_some()).map(|(e, _)| e).collect();
+        let set: Vec<&str> = self
+            .by_endpoint()
+            .filter(|(_, s)| s.is_some())
+            .map(|(e, _)| e)
+            .collect();
         write!(f, "SecretArgs {{ set for: {set:?} }}")
     }
 }
@@ -135,13 +143,17 @@ impl SecretArgs {
     pub fn endpoint_secrets(&self) -> Result<BTreeMap<String, Vec<WebhookSecret>>, ConfigError> {
         let mut served = BTreeMap::new();
         for (endpoint, raw) in self.by_endpoint() {
-            let Some(raw) = raw.map(|s| s.expose_secret().trim()).filter(|s| !s.is_empty()) else {
+            let Some(raw) = raw
+                .map(|s| s.expose_secret().trim())
+                .filter(|s| !s.is_empty())
+            else {
                 continue;
             };
-            let secrets = WebhookSecret::parse_list(raw).map_err(|source| ConfigError::BadSecret {
-                variable: format!("STRIPE_WEBHOOK_SECRET_{}", endpoint.to_uppercase()),
-                source,
-            })?;
+            let secrets =
+                WebhookSecret::parse_list(raw).map_err(|source| ConfigError::BadSecret {
+                    variable: format!("STRIPE_WEBHOOK_SECRET_{}", endpoint.to_uppercase()),
+                    source,
+                })?;
             served.insert(endpoint.to_owned(), secrets);
         }
         if served.is_empty() {
@@ -170,14 +182,22 @@ mod tests {
     fn malformed_secret_names_the_variable_not_the_value() {
         let config = parse(&["--secret-payment", "whsec_ok,sk_live_oops"]);
         let message = config.secrets.endpoint_secrets().unwrap_err().to_string();
-        assert!(message.contains("STRIPE_WEBHOOK_SECRET_PAYMENT"), "{message}");
+        assert!(
+            message.contains("STRIPE_WEBHOOK_SECRET_PAYMENT"),
+            "{message}"
+        );
         assert!(!message.contains("sk_live_oops"), "{message}");
         assert!(!format!("{config:?}").contains("whsec_ok"));
     }
 
     #[test]
     fn only_endpoints_with_secrets_are_served() {
-        let config = parse(&["--secret-booking", "whsec_a,whsec_b", "--secret-dispute", ""]);
+        let config = parse(&[
+            "--secret-booking",
+            "whsec_a,whsec_b",
+            "--secret-dispute",
+            "",
+        ]);
         let served = config.secrets.endpoint_secrets().unwrap();
         assert_eq!(served.keys().collect::<Vec<_>>(), ["booking"]);
         assert_eq!(served["booking"].len(), 2);

@@ -10,7 +10,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     shared::telemetry::init(config.log.log_format);
     tracing::info!(?config, "starting ingest");
-    let app = Application::build(&config).await.context("ingest cannot start")?;
+    let app = Application::build(&config)
+        .await
+        .context("ingest cannot start")?;
     tracing::info!(addr = %app.local_addr()?, "listening");
     app.run_until(shared::shutdown::signal()).await?;
     Ok(())

@@ -102,8 +102,13 @@ impl Publisher {
         let timeout = self.shared.settings.confirm_timeout;
 
         let exchange = self.shared.settings.topology.exchange.as_str();
-        let attempt =
-            publish_confirmed(&channel, exchange, &message.event_type, &message.body, properties);
+        let attempt = publish_confirmed(
+            &channel,
+            exchange,
+            &message.event_type,
+            &message.body,
+            properties,
+        );
         let error = match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(error)) if !error.channel_suspect() => return Err(error.into()),
@@ -153,7 +158,10 @@ impl Publisher {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(live) = live {
-            let _ = live.connection.close(200, "ingest shutting down".into()).await;
+            let _ = live
+                .connection
+                .close(200, "ingest shutting down".into())
+                .await;
         }
     }
 }
@@ -171,7 +179,9 @@ async fn open_channel(connection: &Connection) -> Result<Channel, lapin::Error> 
 }
 
 async fn connect(settings: &PublisherSettings, start_node: usize) -> Result<Live, BrokerError> {
-    let (connection, node) = settings.urls.connect(start_node, "ingest").await?;
+    // Named after the prefix so an operator can tell deployments apart in the broker.
+    let name = format!("ingest {}", settings.topology.exchange);
+    let (connection, node) = settings.urls.connect(start_node, &name).await?;
     let setup = |source| BrokerError::Setup {
         what: "the publish channel setup",
         source,

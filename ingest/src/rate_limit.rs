@@ -35,7 +35,9 @@ impl IpRateLimit {
             let mut every = tokio::time::interval(SWEEP_EVERY);
             loop {
                 every.tick().await;
-                let Some(limiter) = sweeper.upgrade() else { break };
+                let Some(limiter) = sweeper.upgrade() else {
+                    break;
+                };
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }

@@ -51,12 +51,13 @@ impl Application {
     /// Validates the configuration, binds the port and starts connecting to the broker.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let endpoints = config.secrets.endpoint_secrets()?;
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.addr,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.addr)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: config.addr,
+                    source,
+                })?;
         let publisher = Publisher::start(PublisherSettings {
             urls: config.broker.amqp_url.clone(),
             topology: config.broker.topology(),
@@ -86,7 +87,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
     /// finish (each is either confirmed or answered 503), and closes the broker connection.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
@@ -125,7 +129,10 @@ pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
         )
         .layer(DefaultBodyLimit::disable());
     if let Some(limit) = rate_limit {
-        webhook = webhook.route_layer(axum::middleware::from_fn_with_state(limit, rate_limit::enforce));
+        webhook = webhook.route_layer(axum::middleware::from_fn_with_state(
+            limit,
+            rate_limit::enforce,
+        ));
     }
     Router::new()
         .route("/healthz", get(routes::healthz))

@@ -60,12 +60,17 @@ pub struct PurchaseRequest {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum MetadataError {
     #[error("checkout session {session} has no metadata `{field}`")]
-    Missing { session: String, field: &'static str },
+    Missing {
+        session: String,
+        field: &'static str,
+    },
     #[error("metadata `{field}` is not a UUID: `{value}`")]
     NotUuid { field: &'static str, value: String },
     #[error("metadata `amountPaidCents` is not a non-negative integer: `{0}`")]
     NotAmount(String),
-    #[error("metadata amountPaidCents {metadata} differs from the session's amount_total {session}")]
+    #[error(
+        "metadata amountPaidCents {metadata} differs from the session's amount_total {session}"
+    )]
     AmountMismatch { metadata: i64, session: String },
     #[error("metadata currency `{metadata}` differs from the session's currency `{session}`")]
     CurrencyMismatch { metadata: String, session: String },

@@ -26,7 +26,10 @@ pub struct DatabaseArgs {
 impl fmt::Debug for DatabaseArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseArgs")
-            .field("database_url", &redact_url(self.database_url.expose_secret()))
+            .field(
+                "database_url",
+                &redact_url(self.database_url.expose_secret()),
+            )
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
             .finish()
@@ -111,13 +114,20 @@ fn parse_delays(raw: &str) -> Result<RetryDelays, String> {
 
 impl WorkerArgs {
     pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
-            .unwrap_or_else(|| u32::try_from(self.retry_delays.0.len()).unwrap_or(u32::MAX).saturating_add(1))
+        self.max_attempts.unwrap_or_else(|| {
+            u32::try_from(self.retry_delays.0.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(1)
+        })
     }
 }
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "processor", version, about = "Turns Stripe events into purchases, exactly once")]
+#[command(
+    name = "processor",
+    version,
+    about = "Turns Stripe events into purchases, exactly once"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,

@@ -64,7 +64,8 @@ fn plan(envelope: &EventEnvelope) -> Result<Plan, ProcessError> {
             let object = envelope.object().ok_or_else(|| ProcessError::NoObject {
                 event_id: envelope.id.clone(),
             })?;
-            let session = CheckoutSession::from_object(object).map_err(ProcessError::NotASession)?;
+            let session =
+                CheckoutSession::from_object(object).map_err(ProcessError::NotASession)?;
             if !session.is_paid() {
                 return Ok(Plan::Ignore("checkout session is not paid"));
             }

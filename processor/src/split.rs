@@ -44,7 +44,11 @@ mod tests {
     fn documented_example() {
         assert_eq!(
             compute(1999, 1000, 0),
-            Split { platform_fee_cents: 200, organization_fee_cents: 0, creator_payout_cents: 1799 }
+            Split {
+                platform_fee_cents: 200,
+                organization_fee_cents: 0,
+                creator_payout_cents: 1799
+            }
         );
     }
 
@@ -58,7 +62,11 @@ mod tests {
         // 1999 − 200 = 1799; 1799 × 25% = 449.75 → 450.
         assert_eq!(
             compute(1999, 1000, 2500),
-            Split { platform_fee_cents: 200, organization_fee_cents: 450, creator_payout_cents: 1349 }
+            Split {
+                platform_fee_cents: 200,
+                organization_fee_cents: 450,
+                creator_payout_cents: 1349
+            }
         );
         // 1000 × 12.5% = 125; 875 × 0.5% = 4.375 → 4.
         assert_eq!(compute(1000, 1250, 50).organization_fee_cents, 4);

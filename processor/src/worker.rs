@@ -136,12 +136,19 @@ impl Worker {
         }
     }
 
-    async fn session(&self, node: &mut usize, shutdown: &CancellationToken) -> Result<SessionEnd, BrokerError> {
+    async fn session(
+        &self,
+        node: &mut usize,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, BrokerError> {
         let settings = &self.settings;
         let (connection, index) = settings.urls.connect(*node, "processor").await?;
         *node = index;
         let setup = |what| move |source| BrokerError::Setup { what, source };
-        let consume = connection.create_channel().await.map_err(setup("a channel"))?;
+        let consume = connection
+            .create_channel()
+            .await
+            .map_err(setup("a channel"))?;
         settings
             .topology
             .declare(&consume, &settings.queue_settings())
@@ -151,7 +158,10 @@ impl Worker {
             .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await
             .map_err(setup("basic.qos"))?;
-        let publish = connection.create_channel().await.map_err(setup("a channel"))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(setup("a channel"))?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -165,7 +175,11 @@ impl Worker {
             )
             .await
             .map_err(setup("basic.consume"))?;
-        tracing::info!(node = index, queue = settings.topology.work_queue, "consuming");
+        tracing::info!(
+            node = index,
+            queue = settings.topology.work_queue,
+            "consuming"
+        );
         self.ready.store(true, Ordering::Relaxed);
 
         let context = Arc::new(Context {
@@ -211,7 +225,10 @@ impl Worker {
             let _ = consume
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await;
-            tracing::info!(in_flight = tasks.len(), "stopped consuming; finishing in-flight messages");
+            tracing::info!(
+                in_flight = tasks.len(),
+                "stopped consuming; finishing in-flight messages"
+            );
         }
         drain(&mut tasks, settings.shutdown_timeout).await;
         close(&connection).await;
@@ -250,7 +267,11 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
 
 /// Handles one delivery and settles it. Every path either acks after the effect (or its
 /// copy) is safe, or leaves the message to RabbitMQ.
-async fn handle_delivery(context: Arc<Context>, delivery: Delivery, _permit: tokio::sync::OwnedSemaphorePermit) {
+async fn handle_delivery(
+    context: Arc<Context>,
+    delivery: Delivery,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let message = match EventMessage::from_delivery(
         delivery.routing_key.as_str(),
         &delivery.properties,
@@ -339,14 +360,22 @@ fn failure_now(delivery: &Delivery, class: &str, error: &str) -> FailureInfo {
 
 /// Publishes the copy (confirmed), then acks the original. If the copy is not confirmed,
 /// the original goes back to the queue instead.
-async fn settle_by_moving(context: &Context, delivery: &Delivery, action: Move, attempt: Option<u32>) {
+async fn settle_by_moving(
+    context: &Context,
+    delivery: &Delivery,
+    action: Move,
+    attempt: Option<u32>,
+) {
     let topology = &context.settings.topology;
     let (exchange, routing_key, properties) = match &action {
         Move::Retry(delay, failure) => {
             let next_attempt = attempt.unwrap_or(1).saturating_add(1);
             let properties = with_headers(&delivery.properties, |headers| {
                 failure.write(headers);
-                headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(next_attempt.into()));
+                headers.insert(
+                    HEADER_ATTEMPT.into(),
+                    AMQPValue::LongLongInt(next_attempt.into()),
+                );
             });
             // Through the default exchange, straight into the delay queue.
             (String::new(), topology.retry_queue(*delay), properties)
@@ -355,13 +384,28 @@ async fn settle_by_moving(context: &Context, delivery: &Delivery, action: Move, 
             let properties = with_headers(&delivery.properties, |headers| {
                 failure.write(headers);
                 if let Some(attempt) = attempt {
-                    headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(attempt.into()));
+                    headers.insert(
+                        HEADER_ATTEMPT.into(),
+                        AMQPValue::LongLongInt(attempt.into()),
+                    );
                 }
             });
-            (topology.dead_exchange.clone(), failure.original_routing_key.clone(), properties)
+            (
+                topology.dead_exchange.clone(),
+                failure.original_routing_key.clone(),
+                properties,
+            )
         }
     };
-    match publish_confirmed(&context.publish, &exchange, &routing_key, &delivery.data, properties).await {
+    match publish_confirmed(
+        &context.publish,
+        &exchange,
+        &routing_key,
+        &delivery.data,
+        properties,
+    )
+    .await
+    {
         Ok(()) => ack(delivery).await,
         Err(error) => {
             tracing::error!(%error, target = routing_key, "could not move the message; returning it to the queue");
@@ -394,7 +438,9 @@ async fn record_failure(pool: &PgPool, message: &EventMessage, status: EventStat
     let write = events::record_failure(pool, message, status, error);
     match tokio::time::timeout(Duration::from_secs(2), write).await {
         Ok(Ok(())) => {}
-        Ok(Err(db_error)) => tracing::warn!(error = %db_error, "could not record the failure in stripe_events"),
+        Ok(Err(db_error)) => {
+            tracing::warn!(error = %db_error, "could not record the failure in stripe_events")
+        }
         Err(_) => tracing::warn!("timed out recording the failure in stripe_events"),
     }
 }

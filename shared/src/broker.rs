@@ -161,11 +161,12 @@ pub async fn publish_confirmed(
     let confirm = channel
         .basic_publish(
             exchange.into(),
-            crate::contract::short("routing key", routing_key)
-                .map_err(|_| ConfirmError::Unroutable {
+            crate::contract::short("routing key", routing_key).map_err(|_| {
+                ConfirmError::Unroutable {
                     routing_key: routing_key.chars().take(64).collect(),
                     reply: "routing key longer than 255 bytes".into(),
-                })?,
+                }
+            })?,
             lapin::options::BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()

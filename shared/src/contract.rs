@@ -46,7 +46,8 @@ pub struct FailureInfo {
 impl FailureInfo {
     /// Reads the failure headers a message already carries (from an earlier failure).
     pub fn read(headers: &FieldTable) -> Option<Self> {
-        let at = |key| header_i64(headers, key).and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+        let at =
+            |key| header_i64(headers, key).and_then(|ms| Utc.timestamp_millis_opt(ms).single());
         Some(Self {
             class: header_str(headers, HEADER_FAILURE_CLASS)?,
             last_error: header_str(headers, HEADER_LAST_ERROR).unwrap_or_default(),
@@ -82,10 +83,16 @@ fn long_string(value: &str) -> AMQPValue {
 
 /// The same properties with `headers` changed by `edit`: how a message is re-published to a
 /// retry or dead-letter queue, keeping everything else it carried.
-pub fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+pub fn with_headers(
+    properties: &BasicProperties,
+    edit: impl FnOnce(&mut FieldTable),
+) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
     edit(&mut headers);
-    properties.clone().with_headers(headers).with_delivery_mode(PERSISTENT)
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT)
 }
 
 /// An event as it travels through the broker.
@@ -125,7 +132,10 @@ impl EventMessage {
             HEADER_RECEIVED_AT.into(),
             AMQPValue::LongLongInt(self.received_at.timestamp_millis()),
         );
-        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(self.attempt.into()));
+        headers.insert(
+            HEADER_ATTEMPT.into(),
+            AMQPValue::LongLongInt(self.attempt.into()),
+        );
         Ok(BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())

@@ -46,8 +46,11 @@ pub struct EventData {
 impl EventEnvelope {
     /// Parses and checks the fields the pipeline relies on.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
-        let envelope: EventEnvelope = serde_json::from_slice(body).map_err(EnvelopeError::NotJson)?;
-        check_token("id", &envelope.id, |c| c.is_ascii_alphanumeric() || c == '_')?;
+        let envelope: EventEnvelope =
+            serde_json::from_slice(body).map_err(EnvelopeError::NotJson)?;
+        check_token("id", &envelope.id, |c| {
+            c.is_ascii_alphanumeric() || c == '_'
+        })?;
         check_token("type", &envelope.event_type, |c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_'
         })?;

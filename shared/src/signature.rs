@@ -77,7 +77,10 @@ impl WebhookSecret {
     /// Signs a payload the way Stripe does; returns the whole header value.
     /// Used by tests and the dev tool that posts sample events.
     pub fn sign(&self, timestamp: i64, payload: &[u8]) -> String {
-        format!("t={timestamp},v1={}", hex::encode(self.mac(timestamp, payload)))
+        format!(
+            "t={timestamp},v1={}",
+            hex::encode(self.mac(timestamp, payload))
+        )
     }
 }
 
@@ -96,7 +99,10 @@ pub enum SignatureError {
     #[error(
         "signature timestamp is {ahead_secs}s in the future, more than the {tolerance_secs}s tolerance"
     )]
-    InFuture { ahead_secs: i64, tolerance_secs: u64 },
+    InFuture {
+        ahead_secs: i64,
+        tolerance_secs: u64,
+    },
 }
 
 impl SignatureError {
@@ -184,10 +190,16 @@ pub fn verify(
     let tolerance = i64::try_from(tolerance_secs).unwrap_or(i64::MAX);
     let age = now.saturating_sub(parsed.timestamp);
     if age > tolerance {
-        return Err(SignatureError::TooOld { age_secs: age, tolerance_secs });
+        return Err(SignatureError::TooOld {
+            age_secs: age,
+            tolerance_secs,
+        });
     }
     if -age > tolerance {
-        return Err(SignatureError::InFuture { ahead_secs: -age, tolerance_secs });
+        return Err(SignatureError::InFuture {
+            ahead_secs: -age,
+            tolerance_secs,
+        });
     }
     Ok(())
 }

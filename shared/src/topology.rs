@@ -62,7 +62,11 @@ impl Topology {
 
     /// Name of the delay queue for one retry tier, e.g. `stripe.events.retry.30s`.
     pub fn retry_queue(&self, delay: Duration) -> String {
-        format!("{}.retry.{}", self.prefix, humantime::format_duration(delay))
+        format!(
+            "{}.retry.{}",
+            self.prefix,
+            humantime::format_duration(delay)
+        )
     }
 
     /// What ingest needs: the durable topic exchange.
@@ -108,10 +112,7 @@ impl Topology {
             // An expired message goes through the default exchange straight to the work
             // queue, not back through the topic exchange, which may have other consumers.
             let mut args = at_least_once_dead_lettering("");
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                text(&self.work_queue),
-            );
+            args.insert("x-dead-letter-routing-key".into(), text(&self.work_queue));
             let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
             declare_queue(channel, &self.retry_queue(*delay), args).await?;

@@ -83,7 +83,11 @@ pub async fn receive(
 }
 
 /// Reads the whole body within the size and time limits.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, WebhookError> {
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, WebhookError> {
     let limit = state.max_body_bytes;
     let too_large = WebhookError::BodyTooLarge { limit };
     // Refuse early when the client announces a body that is too large.
@@ -102,7 +106,11 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
             let is_length = std::error::Error::source(&error)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || error.to_string().contains("length limit");
-            Err(if is_length { too_large } else { WebhookError::BodyUnreadable })
+            Err(if is_length {
+                too_large
+            } else {
+                WebhookError::BodyUnreadable
+            })
         }
     }
 }

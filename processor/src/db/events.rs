@@ -37,7 +37,8 @@ impl EventStatus {
 /// The body as JSON for the `payload` column; a body that is not JSON (it cannot come from
 /// ingest, but a hand-published message could be anything) is kept as a JSON string.
 pub fn payload_json(body: &[u8]) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
 }
 
 /// Records a delivery of the event and locks its row until the transaction ends. Returns
@@ -67,7 +68,11 @@ pub async fn claim(
 }
 
 /// Marks the event done, in the transaction that did its work.
-pub async fn finish(conn: &mut PgConnection, event_id: &str, status: EventStatus) -> Result<(), sqlx::Error> {
+pub async fn finish(
+    conn: &mut PgConnection,
+    event_id: &str,
+    status: EventStatus,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE stripe_events
             SET status = $2, last_error = NULL, processed_at = now(), updated_at = now()
@@ -95,17 +100,20 @@ pub async fn record_failure(
             SET status = EXCLUDED.status, last_error = EXCLUDED.last_error, updated_at = now()
           WHERE stripe_events.status NOT IN ('processed', 'ignored')";
     let payload = payload_json(&message.body);
-    let livemode = payload.get("livemode").and_then(Value::as_bool).unwrap_or(false);
+    let livemode = payload
+        .get("livemode")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     sqlx::query(QUERY)
-    .bind(&message.event_id)
-    .bind(&message.event_type)
-    .bind(&message.endpoint)
-    .bind(status.as_str())
-    .bind(&payload)
-    .bind(error)
-    .bind(message.received_at)
-    .bind(livemode)
-    .execute(pool)
-    .await
-    .map(|_| ())
+        .bind(&message.event_id)
+        .bind(&message.event_type)
+        .bind(&message.endpoint)
+        .bind(status.as_str())
+        .bind(&payload)
+        .bind(error)
+        .bind(message.received_at)
+        .bind(livemode)
+        .execute(pool)
+        .await
+        .map(|_| ())
 }

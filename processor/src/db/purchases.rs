@@ -162,7 +162,10 @@ fn cents(value: i64) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
 }
 
-async fn payment_recorded(conn: &mut PgConnection, request: &PurchaseRequest) -> Result<bool, sqlx::Error> {
+async fn payment_recorded(
+    conn: &mut PgConnection,
+    request: &PurchaseRequest,
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM purchases
                          WHERE stripe_payment_intent_id = $1 OR stripe_checkout_session_id = $2)",

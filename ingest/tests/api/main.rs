@@ -1,0 +1,6 @@
+//! Ingest against a real RabbitMQ. Each test has its own exchange and queues (a random
+//! prefix), removed when the test ends.
+
+mod helpers;
+mod publishing;
+mod requests;
