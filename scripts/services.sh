@@ -10,6 +10,13 @@ if [ ${#need_install[@]} -gt 0 ]; then
   echo "installing ${need_install[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >/dev/null
+  if [[ " ${need_install[*]} " == *" postgresql "* ]]; then
+    # A fresh Debian cluster wants a password on TCP; the tests connect as postgres with
+    # trust, like the development machines.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    done
+  fi
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
