@@ -85,3 +85,206 @@ pub async fn event_status(pool: &PgPool, id: &str) -> Option<(String, Option<Str
         .await
         .unwrap()
 }
+
+// ---- broker side -------------------------------------------------------------------------
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lapin::options::BasicGetOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+use processor::worker::{Worker, WorkerSettings};
+use shared::broker::{AmqpUrls, publish_confirmed};
+use shared::topology::Topology;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestWorker {
+    pub topology: Topology,
+    pub channel: Channel,
+    pub settings: WorkerSettings,
+    _connection: Connection,
+    cancel: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn settings(prefix: &str, retry_delays: Vec<Duration>, max_attempts: u32) -> WorkerSettings {
+    WorkerSettings {
+        urls: AmqpUrls::parse(&amqp_url()).unwrap(),
+        topology: Topology::new(prefix),
+        prefetch: 16,
+        concurrency: 4,
+        delivery_limit: 5,
+        retry_delays,
+        max_attempts,
+        shutdown_timeout: Duration::from_secs(10),
+    }
+}
+
+pub fn test_prefix() -> String {
+    format!("test.{}", Uuid::new_v4().simple())
+}
+
+/// Starts a worker on its own queues and waits until it consumes.
+pub async fn start_worker(pool: PgPool, settings: WorkerSettings) -> TestWorker {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running for these tests (see README)");
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let worker = Worker::new(pool, settings.clone());
+    let ready = worker.ready_flag();
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let handle = tokio::spawn(async move { worker.run(token).await });
+    wait_for("the worker to consume", || {
+        let ready = Arc::clone(&ready);
+        async move { ready.load(Ordering::Relaxed) }
+    })
+    .await;
+    TestWorker {
+        topology: settings.topology.clone(),
+        channel,
+        settings,
+        _connection: connection,
+        cancel,
+        handle: Some(handle),
+    }
+}
+
+impl TestWorker {
+    /// Publishes as ingest does.
+    pub async fn publish(&self, message: &EventMessage) {
+        publish_confirmed(
+            &self.channel,
+            &self.topology.exchange,
+            &message.event_type,
+            &message.body,
+            message.properties().unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+
+    pub async fn take_dead(&self) -> Vec<lapin::message::BasicGetMessage> {
+        self.take(&self.topology.dead_queue.clone()).await
+    }
+
+    pub async fn take(&self, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+        let mut messages = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            messages.push(m);
+        }
+        messages
+    }
+
+    /// Messages waiting in a queue (ready, not the unacked ones).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    pub async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        let topology = self.topology.clone();
+        let delays = self.settings.retry_delays.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    let _ = topology.delete(&channel, &delays).await;
+                    let _ = connection.close(200, "test over".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Polls `check` for up to 20 s.
+pub async fn wait_for<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..400 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A TCP proxy in front of PostgreSQL that a test can cut and restore, to stand for a
+/// database outage without touching the shared server.
+pub struct CuttableProxy {
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let accepting = Arc::clone(&open);
+        let cuts = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let mut cut_rx = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, open, cut }
+    }
+
+    /// Refuses new connections and breaks the existing ones.
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,147 @@
+//! The worker with a real broker: acks after commit, retries through delay queues,
+//! dead-letters with the reason, survives a database outage, shuts down cleanly.
+
+use std::time::Duration;
+
+use shared::contract::{FailureInfo, HEADER_ATTEMPT, header_i64};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn paid_event_through_the_broker_becomes_a_purchase(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let worker = start_worker(pool.clone(), settings(&test_prefix(), vec![ms(200)], 2)).await;
+    let msg = message(paid_session_body("evt_w1", "pi_w1", 1999));
+    // Delivered twice, as Stripe may.
+    worker.publish(&msg).await;
+    worker.publish(&msg).await;
+    wait_for("the purchase", || async {
+        count(&pool, "SELECT count(*) FROM stripe_events WHERE status = 'processed' AND attempts = 2").await == 1
+    })
+    .await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 1);
+    assert_eq!(worker.depth(&worker.topology.work_queue).await, 0);
+    assert!(worker.take_dead().await.is_empty());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn permanent_failure_is_dead_lettered_at_once_with_the_reason(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let worker = start_worker(pool.clone(), settings(&test_prefix(), vec![ms(100)], 5)).await;
+    let missing = Uuid::new_v4();
+    let body = edit(&paid_session_body("evt_perm", "pi_perm", 1999), |e| {
+        e["data"]["object"]["metadata"]["contentId"] = missing.to_string().into();
+    });
+    worker.publish(&message(body.clone())).await;
+
+    wait_for("the dead letter", || async { worker.depth(&worker.topology.dead_queue).await == 1 }).await;
+    let dead = worker.take_dead().await;
+    assert_eq!(dead.len(), 1);
+    let delivery = &dead[0].delivery;
+    assert_eq!(delivery.data, body, "the raw body is kept");
+    let headers = delivery.properties.headers().clone().unwrap();
+    let failure = FailureInfo::read(&headers).unwrap();
+    assert_eq!(failure.class, "permanent");
+    assert!(failure.last_error.contains(&format!("unknown content {missing}")), "{}", failure.last_error);
+    assert_eq!(failure.original_routing_key, "checkout.session.completed");
+    assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(1), "no retries for a permanent failure");
+
+    let (status, error) = event_status(&pool, "evt_perm").await.unwrap();
+    assert_eq!(status, "dead");
+    assert!(error.unwrap().contains("unknown content"));
+    assert_eq!(worker.depth(&worker.topology.work_queue).await, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn transient_failure_retries_until_the_database_is_back(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let options = (*pool.connect_options()).clone().port(proxy.port);
+    let proxied = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(ms(500))
+        .connect_lazy_with(options);
+    let delays = vec![ms(300), ms(600)];
+    let worker = start_worker(proxied, settings(&test_prefix(), delays.clone(), 50)).await;
+
+    proxy.cut();
+    worker.publish(&message(paid_session_body("evt_t1", "pi_t1", 1999))).await;
+    // It fails, goes to a delay queue, comes back, fails again... (long enough for a few
+    // rounds; the worker cannot even record the failure, the database being down).
+    tokio::time::sleep(ms(1500)).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 0);
+    assert!(worker.take_dead().await.is_empty(), "a transient failure must not be dead-lettered early");
+
+    // Meanwhile the database comes back; other events flow and the retried one completes.
+    proxy.restore();
+    let other = Uuid::new_v4();
+    insert_content(&pool, other).await;
+    let second = edit(&paid_session_body("evt_t2", "pi_t2", 1999), |e| {
+        e["data"]["object"]["metadata"]["contentId"] = other.to_string().into();
+    });
+    worker.publish(&message(second)).await;
+    wait_for("both purchases", || async {
+        count(&pool, "SELECT count(*) FROM purchases WHERE status = 'completed'").await == 2
+    })
+    .await;
+    let (status, error) = event_status(&pool, "evt_t1").await.unwrap();
+    assert_eq!((status.as_str(), error), ("processed", None));
+    assert!(worker.take_dead().await.is_empty());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn exhausted_retries_are_dead_lettered_with_the_attempt_count(pool: PgPool) {
+    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    proxy.cut();
+    let options = (*pool.connect_options()).clone().port(proxy.port);
+    let down = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(ms(200))
+        .connect_lazy_with(options);
+    let worker = start_worker(down, settings(&test_prefix(), vec![ms(100), ms(200)], 3)).await;
+    worker.publish(&message(paid_session_body("evt_x", "pi_x", 1999))).await;
+
+    wait_for("the dead letter", || async { worker.depth(&worker.topology.dead_queue).await == 1 }).await;
+    let dead = worker.take_dead().await;
+    let headers = dead[0].delivery.properties.headers().clone().unwrap();
+    let failure = FailureInfo::read(&headers).unwrap();
+    assert_eq!(failure.class, "transient");
+    assert!(failure.last_error.contains("retries exhausted after 3 attempts"), "{}", failure.last_error);
+    assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(3));
+    assert!(failure.first_failure_at < failure.last_failure_at, "first failure time is kept across retries");
+    for delay in &worker.settings.retry_delays {
+        assert_eq!(worker.depth(&worker.topology.retry_queue(*delay)).await, 0);
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn shutdown_loses_nothing(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let contents: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    for c in &contents {
+        insert_content(&pool, *c).await;
+    }
+    let prefix = test_prefix();
+    let mut worker = start_worker(pool.clone(), settings(&prefix, vec![ms(200)], 3)).await;
+    for (i, c) in contents.iter().enumerate() {
+        let body = edit(&paid_session_body(&format!("evt_s{i}"), &format!("pi_s{i}"), 1999), |e| {
+            e["data"]["object"]["metadata"]["contentId"] = c.to_string().into();
+        });
+        worker.publish(&message(body)).await;
+    }
+    tokio::time::sleep(ms(30)).await;
+    worker.stop().await;
+    // Whatever was not finished is back in the work queue, unacked work returned.
+    let done = count(&pool, "SELECT count(*) FROM purchases").await;
+    let waiting = i64::from(worker.depth(&worker.topology.work_queue).await);
+    assert_eq!(done + waiting, 40, "done {done} + waiting {waiting}");
+
+    // A new worker finishes the rest.
+    let _again = start_worker(pool.clone(), settings(&prefix, vec![ms(200)], 3)).await;
+    wait_for("all purchases", || async { count(&pool, "SELECT count(*) FROM purchases").await == 40 }).await;
+}
