@@ -45,7 +45,9 @@ async fn each_refused_request_gets_its_status_and_enqueues_nothing() {
     let not_json = b"this is not json".to_vec();
     let no_type = br#"{"id":"evt_1","object":"event"}"#.to_vec();
 
-    let cases: Vec<(&str, &str, Vec<u8>, Option<String>, u16, &str)> = vec![
+    // (case, endpoint, body, Stripe-Signature, expected status, expected error text)
+    type Case<'a> = (&'a str, &'a str, Vec<u8>, Option<String>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "no header",
             "booking",

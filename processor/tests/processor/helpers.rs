@@ -45,7 +45,9 @@ pub async fn insert_content(pool: &PgPool, id: Uuid) {
 
 /// The paid-session fixture, with the given event id, payment intent and amount.
 pub fn paid_session_body(event_id: &str, payment_intent: &str, amount: i64) -> Vec<u8> {
-    let text = std::fs::read_to_string(format!("{FIXTURES}/events/checkout.session.completed.json")).unwrap();
+    let text =
+        std::fs::read_to_string(format!("{FIXTURES}/events/checkout.session.completed.json"))
+            .unwrap();
     let mut event: Value = serde_json::from_str(&text).unwrap();
     event["id"] = json!(event_id);
     let session = &mut event["data"]["object"];
@@ -191,7 +193,10 @@ impl TestWorker {
         self.channel
             .queue_declare(
                 queue.into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 lapin::types::FieldTable::default(),
             )
             .await
@@ -213,11 +218,15 @@ impl Drop for TestWorker {
         let topology = self.topology.clone();
         let delays = self.settings.retry_delays.clone();
         let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async {
-                if let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                if let Ok(connection) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
                     && let Ok(channel) = connection.create_channel().await
                 {
                     let _ = topology.delete(&channel, &delays).await;
@@ -267,7 +276,9 @@ impl CuttableProxy {
                 }
                 let mut cut_rx = cuts.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = cut_rx.changed() => {}

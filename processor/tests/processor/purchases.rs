@@ -13,9 +13,14 @@ async fn paid_session_makes_one_purchase_with_split_and_access(pool: PgPool) {
     seed_catalog(&pool).await;
     let body = std::fs::read(format!("{FIXTURES}/events/checkout.session.completed.json")).unwrap();
     let outcome = handle(&pool, &message(body)).await.unwrap();
-    let Outcome::Purchased(purchase_id) = outcome else { panic!("{outcome:?}") };
+    let Outcome::Purchased(purchase_id) = outcome else {
+        panic!("{outcome:?}")
+    };
 
-    let row = sqlx::query("SELECT * FROM purchases").fetch_one(&pool).await.unwrap();
+    let row = sqlx::query("SELECT * FROM purchases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(row.get::<Uuid, _>("id"), purchase_id);
     assert_eq!(row.get::<Uuid, _>("customer_id"), CUSTOMER);
     assert_eq!(row.get::<Uuid, _>("content_id"), CONTENT);
@@ -23,7 +28,10 @@ async fn paid_session_makes_one_purchase_with_split_and_access(pool: PgPool) {
     assert_eq!(row.get::<i32, _>("amount_paid_cents"), 1999);
     assert_eq!(row.get::<String, _>("currency"), "usd");
     assert_eq!(row.get::<String, _>("status"), "completed");
-    assert_eq!(row.get::<String, _>("stripe_payment_intent_id"), "pi_3SampleA1b2C3d4E5f6G7h8");
+    assert_eq!(
+        row.get::<String, _>("stripe_payment_intent_id"),
+        "pi_3SampleA1b2C3d4E5f6G7h8"
+    );
     assert_eq!(row.get::<i32, _>("platform_fee_cents"), 200);
     assert_eq!(row.get::<i32, _>("organization_fee_cents"), 0);
     assert_eq!(row.get::<i32, _>("creator_payout_cents"), 1799);
@@ -34,16 +42,23 @@ async fn paid_session_makes_one_purchase_with_split_and_access(pool: PgPool) {
         "purchase time is the event's creation time"
     );
 
-    let access = sqlx::query("SELECT user_id, content_id, purchase_id, revoked_at FROM content_access")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let access =
+        sqlx::query("SELECT user_id, content_id, purchase_id, revoked_at FROM content_access")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(access.len(), 1);
     assert_eq!(access[0].get::<Uuid, _>("user_id"), CUSTOMER);
     assert_eq!(access[0].get::<Uuid, _>("purchase_id"), purchase_id);
-    assert!(access[0].get::<Option<chrono::DateTime<Utc>>, _>("revoked_at").is_none());
+    assert!(
+        access[0]
+            .get::<Option<chrono::DateTime<Utc>>, _>("revoked_at")
+            .is_none()
+    );
 
-    let (status, error) = event_status(&pool, "evt_1SampleCompletedPaid0001").await.unwrap();
+    let (status, error) = event_status(&pool, "evt_1SampleCompletedPaid0001")
+        .await
+        .unwrap();
     assert_eq!((status.as_str(), error), ("processed", None));
 }
 
@@ -51,12 +66,22 @@ async fn paid_session_makes_one_purchase_with_split_and_access(pool: PgPool) {
 async fn same_event_three_times_is_one_purchase(pool: PgPool) {
     seed_catalog(&pool).await;
     let msg = message(paid_session_body("evt_dup", "pi_dup", 1999));
-    assert!(matches!(handle(&pool, &msg).await.unwrap(), Outcome::Purchased(_)));
+    assert!(matches!(
+        handle(&pool, &msg).await.unwrap(),
+        Outcome::Purchased(_)
+    ));
     assert_eq!(handle(&pool, &msg).await.unwrap(), Outcome::Duplicate);
     assert_eq!(handle(&pool, &msg).await.unwrap(), Outcome::Duplicate);
     assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM content_access").await, 1);
-    assert_eq!(count(&pool, "SELECT attempts::bigint FROM stripe_events WHERE id = 'evt_dup'").await, 3);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT attempts::bigint FROM stripe_events WHERE id = 'evt_dup'"
+        )
+        .await,
+        3
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -64,11 +89,21 @@ async fn two_event_objects_for_one_payment_intent_are_one_purchase(pool: PgPool)
     seed_catalog(&pool).await;
     let first = message(paid_session_body("evt_a", "pi_same", 1999));
     let second = message(paid_session_body("evt_b", "pi_same", 1999));
-    assert!(matches!(handle(&pool, &first).await.unwrap(), Outcome::Purchased(_)));
+    assert!(matches!(
+        handle(&pool, &first).await.unwrap(),
+        Outcome::Purchased(_)
+    ));
     assert_eq!(handle(&pool, &second).await.unwrap(), Outcome::Duplicate);
     assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 1);
     // Both events are in the log, both done.
-    assert_eq!(count(&pool, "SELECT count(*) FROM stripe_events WHERE status = 'processed'").await, 2);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status = 'processed'"
+        )
+        .await,
+        2
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -77,7 +112,11 @@ async fn concurrent_duplicates_make_one_purchase(pool: PgPool) {
     let mut tasks = Vec::new();
     for i in 0..12 {
         // Half the same event id, half distinct event objects for the same payment.
-        let id = if i % 2 == 0 { "evt_race".to_owned() } else { format!("evt_race_{i}") };
+        let id = if i % 2 == 0 {
+            "evt_race".to_owned()
+        } else {
+            format!("evt_race_{i}")
+        };
         let msg = message(paid_session_body(&id, "pi_race", 1999));
         let pool = pool.clone();
         tasks.push(tokio::spawn(async move { handle(&pool, &msg).await }));
@@ -100,17 +139,25 @@ async fn double_payment_is_kept_as_requires_refund(pool: PgPool) {
     seed_catalog(&pool).await;
     let first = message(paid_session_body("evt_pay1", "pi_pay1", 1999));
     let second = message(paid_session_body("evt_pay2", "pi_pay2", 1999));
-    let Outcome::Purchased(first_id) = handle(&pool, &first).await.unwrap() else { panic!() };
-    let Outcome::RequiresRefund(second_id) = handle(&pool, &second).await.unwrap() else { panic!() };
+    let Outcome::Purchased(first_id) = handle(&pool, &first).await.unwrap() else {
+        panic!()
+    };
+    let Outcome::RequiresRefund(second_id) = handle(&pool, &second).await.unwrap() else {
+        panic!()
+    };
     assert_ne!(first_id, second_id);
-    let statuses: Vec<(String, String)> =
-        sqlx::query_as("SELECT stripe_payment_intent_id, status FROM purchases ORDER BY stripe_payment_intent_id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let statuses: Vec<(String, String)> = sqlx::query_as(
+        "SELECT stripe_payment_intent_id, status FROM purchases ORDER BY stripe_payment_intent_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(
         statuses,
-        [("pi_pay1".into(), "completed".into()), ("pi_pay2".into(), "requires_refund".into())]
+        [
+            ("pi_pay1".into(), "completed".into()),
+            ("pi_pay2".into(), "requires_refund".into())
+        ]
     );
     // Access still points at the first purchase; the double payment grants nothing.
     let access_purchase: Uuid = sqlx::query_scalar("SELECT purchase_id FROM content_access")
@@ -132,13 +179,19 @@ async fn agreements_and_rounding(pool: PgPool) {
         insert_content(&pool, *c).await;
     }
     let with_content = |event: &str, content: Uuid, amount: i64| {
-        edit(&paid_session_body(event, &format!("pi_{event}"), amount), |e| {
-            e["data"]["object"]["metadata"]["contentId"] = serde_json::json!(content.to_string());
-        })
+        edit(
+            &paid_session_body(event, &format!("pi_{event}"), amount),
+            |e| {
+                e["data"]["object"]["metadata"]["contentId"] =
+                    serde_json::json!(content.to_string());
+            },
+        )
     };
 
     // Default: 10% platform, no organization share. 5 × 10% = 0.5 → 1 (half up).
-    handle(&pool, &message(with_content("evt_r1", contents[0], 5))).await.unwrap();
+    handle(&pool, &message(with_content("evt_r1", contents[0], 5)))
+        .await
+        .unwrap();
     let row: (i32, i32, i32) = sqlx::query_as(
         "SELECT platform_fee_cents, organization_fee_cents, creator_payout_cents FROM purchases WHERE stripe_event_id = 'evt_r1'",
     )
@@ -173,7 +226,9 @@ async fn agreements_and_rounding(pool: PgPool) {
     .unwrap();
 
     // 1999 × 12.5% = 249.875 → 250; (1999 − 250) × 25% = 437.25 → 437; 1999 − 250 − 437 = 1312.
-    handle(&pool, &message(with_content("evt_r2", contents[1], 1999))).await.unwrap();
+    handle(&pool, &message(with_content("evt_r2", contents[1], 1999)))
+        .await
+        .unwrap();
     let split = split_of_existing(&pool, "evt_r2").await;
     assert_eq!(split, (250, 437, 1312, Some(override_id), Some(share_id)));
 
@@ -188,11 +243,19 @@ async fn agreements_and_rounding(pool: PgPool) {
     .await
     .unwrap();
     // 2 × 12.5% = 0.25 → 0; 2 × 25% = 0.5 → 1.
-    handle(&pool, &message(with_content("evt_r3", contents[2], 2))).await.unwrap();
-    assert_eq!(split_of_existing(&pool, "evt_r3").await, (0, 1, 1, Some(override_id), Some(share_id)));
+    handle(&pool, &message(with_content("evt_r3", contents[2], 2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        split_of_existing(&pool, "evt_r3").await,
+        (0, 1, 1, Some(override_id), Some(share_id))
+    );
 }
 
-async fn split_of_existing(pool: &PgPool, event: &str) -> (i32, i32, i32, Option<Uuid>, Option<Uuid>) {
+async fn split_of_existing(
+    pool: &PgPool,
+    event: &str,
+) -> (i32, i32, i32, Option<Uuid>, Option<Uuid>) {
     sqlx::query_as(
         "SELECT platform_fee_cents, organization_fee_cents, creator_payout_cents,
                 platform_agreement_id, creator_org_agreement_id
@@ -207,10 +270,17 @@ async fn split_of_existing(pool: &PgPool, event: &str) -> (i32, i32, i32, Option
 #[sqlx::test(migrations = "../migrations")]
 async fn unknown_types_and_unpaid_sessions_are_ignored(pool: PgPool) {
     seed_catalog(&pool).await;
-    for file in ["payment_intent.succeeded.json", "checkout.session.completed.unpaid.json", "charge.dispute.created.json"] {
+    for file in [
+        "payment_intent.succeeded.json",
+        "checkout.session.completed.unpaid.json",
+        "charge.dispute.created.json",
+    ] {
         let body = std::fs::read(format!("{FIXTURES}/events/{file}")).unwrap();
         let msg = message(body);
-        assert!(matches!(handle(&pool, &msg).await.unwrap(), Outcome::Ignored(_)), "{file}");
+        assert!(
+            matches!(handle(&pool, &msg).await.unwrap(), Outcome::Ignored(_)),
+            "{file}"
+        );
         let (status, _) = event_status(&pool, &msg.event_id).await.unwrap();
         assert_eq!(status, "ignored", "{file}");
     }
@@ -222,14 +292,66 @@ async fn bad_metadata_and_unknown_catalog_are_permanent(pool: PgPool) {
     seed_catalog(&pool).await;
     let base = paid_session_body("evt_bad", "pi_bad", 1999);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("not a uuid", edit(&base, |e| e["data"]["object"]["metadata"]["customerId"] = "x".into()), "customerId"),
-        ("amount mismatch", edit(&base, |e| e["data"]["object"]["metadata"]["amountPaidCents"] = "1".into()), "amount_total"),
-        ("currency mismatch", edit(&base, |e| e["data"]["object"]["metadata"]["currency"] = "eur".into()), "currency"),
-        ("missing field", edit(&base, |e| { e["data"]["object"]["metadata"].as_object_mut().unwrap().remove("contentId"); }), "contentId"),
-        ("unknown customer", edit(&base, |e| e["data"]["object"]["metadata"]["customerId"] = Uuid::new_v4().to_string().into()), "unknown customer"),
-        ("unknown content", edit(&base, |e| e["data"]["object"]["metadata"]["contentId"] = Uuid::new_v4().to_string().into()), "unknown content"),
-        ("wrong organization", edit(&base, |e| e["data"]["object"]["metadata"]["organizationId"] = Uuid::new_v4().to_string().into()), "belongs to organization"),
-        ("no object", edit(&base, |e| { e.as_object_mut().unwrap().remove("data"); }), "data.object"),
+        (
+            "not a uuid",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]["customerId"] = "x".into()
+            }),
+            "customerId",
+        ),
+        (
+            "amount mismatch",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]["amountPaidCents"] = "1".into()
+            }),
+            "amount_total",
+        ),
+        (
+            "currency mismatch",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]["currency"] = "eur".into()
+            }),
+            "currency",
+        ),
+        (
+            "missing field",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("contentId");
+            }),
+            "contentId",
+        ),
+        (
+            "unknown customer",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]["customerId"] = Uuid::new_v4().to_string().into()
+            }),
+            "unknown customer",
+        ),
+        (
+            "unknown content",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]["contentId"] = Uuid::new_v4().to_string().into()
+            }),
+            "unknown content",
+        ),
+        (
+            "wrong organization",
+            edit(&base, |e| {
+                e["data"]["object"]["metadata"]["organizationId"] =
+                    Uuid::new_v4().to_string().into()
+            }),
+            "belongs to organization",
+        ),
+        (
+            "no object",
+            edit(&base, |e| {
+                e.as_object_mut().unwrap().remove("data");
+            }),
+            "data.object",
+        ),
     ];
     for (name, body, expected) in cases {
         let error = handle(&pool, &message(body)).await.unwrap_err();
@@ -248,9 +370,12 @@ async fn database_down_is_transient(pool: PgPool) {
         .acquire_timeout(std::time::Duration::from_millis(500))
         .connect_lazy("postgres://postgres@127.0.0.1:1/none")
         .unwrap();
-    let error = handle(&options, &message(paid_session_body("evt_down", "pi_down", 1999)))
-        .await
-        .unwrap_err();
+    let error = handle(
+        &options,
+        &message(paid_session_body("evt_down", "pi_down", 1999)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(error.class(), FailureClass::Transient, "{error}");
     drop(pool);
 }

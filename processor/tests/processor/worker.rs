@@ -22,7 +22,12 @@ async fn paid_event_through_the_broker_becomes_a_purchase(pool: PgPool) {
     worker.publish(&msg).await;
     worker.publish(&msg).await;
     wait_for("the purchase", || async {
-        count(&pool, "SELECT count(*) FROM stripe_events WHERE status = 'processed' AND attempts = 2").await == 1
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status = 'processed' AND attempts = 2",
+        )
+        .await
+            == 1
     })
     .await;
     assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 1);
@@ -40,7 +45,10 @@ async fn permanent_failure_is_dead_lettered_at_once_with_the_reason(pool: PgPool
     });
     worker.publish(&message(body.clone())).await;
 
-    wait_for("the dead letter", || async { worker.depth(&worker.topology.dead_queue).await == 1 }).await;
+    wait_for("the dead letter", || async {
+        worker.depth(&worker.topology.dead_queue).await == 1
+    })
+    .await;
     let dead = worker.take_dead().await;
     assert_eq!(dead.len(), 1);
     let delivery = &dead[0].delivery;
@@ -48,9 +56,19 @@ async fn permanent_failure_is_dead_lettered_at_once_with_the_reason(pool: PgPool
     let headers = delivery.properties.headers().clone().unwrap();
     let failure = FailureInfo::read(&headers).unwrap();
     assert_eq!(failure.class, "permanent");
-    assert!(failure.last_error.contains(&format!("unknown content {missing}")), "{}", failure.last_error);
+    assert!(
+        failure
+            .last_error
+            .contains(&format!("unknown content {missing}")),
+        "{}",
+        failure.last_error
+    );
     assert_eq!(failure.original_routing_key, "checkout.session.completed");
-    assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(1), "no retries for a permanent failure");
+    assert_eq!(
+        header_i64(&headers, HEADER_ATTEMPT),
+        Some(1),
+        "no retries for a permanent failure"
+    );
 
     let (status, error) = event_status(&pool, "evt_perm").await.unwrap();
     assert_eq!(status, "dead");
@@ -71,12 +89,17 @@ async fn transient_failure_retries_until_the_database_is_back(pool: PgPool) {
     let worker = start_worker(proxied, settings(&test_prefix(), delays.clone(), 50)).await;
 
     proxy.cut();
-    worker.publish(&message(paid_session_body("evt_t1", "pi_t1", 1999))).await;
+    worker
+        .publish(&message(paid_session_body("evt_t1", "pi_t1", 1999)))
+        .await;
     // It fails, goes to a delay queue, comes back, fails again... (long enough for a few
     // rounds; the worker cannot even record the failure, the database being down).
     tokio::time::sleep(ms(1500)).await;
     assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 0);
-    assert!(worker.take_dead().await.is_empty(), "a transient failure must not be dead-lettered early");
+    assert!(
+        worker.take_dead().await.is_empty(),
+        "a transient failure must not be dead-lettered early"
+    );
 
     // Meanwhile the database comes back; other events flow and the retried one completes.
     proxy.restore();
@@ -87,7 +110,12 @@ async fn transient_failure_retries_until_the_database_is_back(pool: PgPool) {
     });
     worker.publish(&message(second)).await;
     wait_for("both purchases", || async {
-        count(&pool, "SELECT count(*) FROM purchases WHERE status = 'completed'").await == 2
+        count(
+            &pool,
+            "SELECT count(*) FROM purchases WHERE status = 'completed'",
+        )
+        .await
+            == 2
     })
     .await;
     let (status, error) = event_status(&pool, "evt_t1").await.unwrap();
@@ -104,16 +132,30 @@ async fn exhausted_retries_are_dead_lettered_with_the_attempt_count(pool: PgPool
         .acquire_timeout(ms(200))
         .connect_lazy_with(options);
     let worker = start_worker(down, settings(&test_prefix(), vec![ms(100), ms(200)], 3)).await;
-    worker.publish(&message(paid_session_body("evt_x", "pi_x", 1999))).await;
+    worker
+        .publish(&message(paid_session_body("evt_x", "pi_x", 1999)))
+        .await;
 
-    wait_for("the dead letter", || async { worker.depth(&worker.topology.dead_queue).await == 1 }).await;
+    wait_for("the dead letter", || async {
+        worker.depth(&worker.topology.dead_queue).await == 1
+    })
+    .await;
     let dead = worker.take_dead().await;
     let headers = dead[0].delivery.properties.headers().clone().unwrap();
     let failure = FailureInfo::read(&headers).unwrap();
     assert_eq!(failure.class, "transient");
-    assert!(failure.last_error.contains("retries exhausted after 3 attempts"), "{}", failure.last_error);
+    assert!(
+        failure
+            .last_error
+            .contains("retries exhausted after 3 attempts"),
+        "{}",
+        failure.last_error
+    );
     assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(3));
-    assert!(failure.first_failure_at < failure.last_failure_at, "first failure time is kept across retries");
+    assert!(
+        failure.first_failure_at < failure.last_failure_at,
+        "first failure time is kept across retries"
+    );
     for delay in &worker.settings.retry_delays {
         assert_eq!(worker.depth(&worker.topology.retry_queue(*delay)).await, 0);
     }
@@ -129,9 +171,12 @@ async fn shutdown_loses_nothing(pool: PgPool) {
     let prefix = test_prefix();
     let mut worker = start_worker(pool.clone(), settings(&prefix, vec![ms(200)], 3)).await;
     for (i, c) in contents.iter().enumerate() {
-        let body = edit(&paid_session_body(&format!("evt_s{i}"), &format!("pi_s{i}"), 1999), |e| {
-            e["data"]["object"]["metadata"]["contentId"] = c.to_string().into();
-        });
+        let body = edit(
+            &paid_session_body(&format!("evt_s{i}"), &format!("pi_s{i}"), 1999),
+            |e| {
+                e["data"]["object"]["metadata"]["contentId"] = c.to_string().into();
+            },
+        );
         worker.publish(&message(body)).await;
     }
     tokio::time::sleep(ms(30)).await;
@@ -143,5 +188,8 @@ async fn shutdown_loses_nothing(pool: PgPool) {
 
     // A new worker finishes the rest.
     let _again = start_worker(pool.clone(), settings(&prefix, vec![ms(200)], 3)).await;
-    wait_for("all purchases", || async { count(&pool, "SELECT count(*) FROM purchases").await == 40 }).await;
+    wait_for("all purchases", || async {
+        count(&pool, "SELECT count(*) FROM purchases").await == 40
+    })
+    .await;
 }
