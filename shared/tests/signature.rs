@@ -122,8 +122,14 @@ fn rotation_accepts_any_v1_against_any_secret() {
     let v1_old = sig_old.split_once(",v1=").unwrap().1;
     let v1_new = sig_new.split_once(",v1=").unwrap().1;
     let both = format!("t={t},v1={v1_new},v1={v1_old}");
-    assert_eq!(verify(&both, b"x", std::slice::from_ref(&old), TOLERANCE, t), Ok(()));
-    assert_eq!(verify(&both, b"x", std::slice::from_ref(&new), TOLERANCE, t), Ok(()));
+    assert_eq!(
+        verify(&both, b"x", std::slice::from_ref(&old), TOLERANCE, t),
+        Ok(())
+    );
+    assert_eq!(
+        verify(&both, b"x", std::slice::from_ref(&new), TOLERANCE, t),
+        Ok(())
+    );
     // One header signed by the old secret, endpoint configured with both.
     assert_eq!(
         verify(&sig_old, b"x", &[new.clone(), old.clone()], TOLERANCE, t),
@@ -142,11 +148,23 @@ fn v0_and_unknown_schemes_are_never_accepted() {
     let v1 = s.sign(t, b"x").split_once(",v1=").unwrap().1.to_owned();
     // The right MAC, but under v0: no v1 at all.
     assert_eq!(
-        verify(&format!("t={t},v0={v1}"), b"x", std::slice::from_ref(&s), TOLERANCE, t),
+        verify(
+            &format!("t={t},v0={v1}"),
+            b"x",
+            std::slice::from_ref(&s),
+            TOLERANCE,
+            t
+        ),
         Err(SignatureError::NoV1Signature)
     );
     assert_eq!(
-        verify(&format!("t={t},v2={v1}"), b"x", std::slice::from_ref(&s), TOLERANCE, t),
+        verify(
+            &format!("t={t},v2={v1}"),
+            b"x",
+            std::slice::from_ref(&s),
+            TOLERANCE,
+            t
+        ),
         Err(SignatureError::NoV1Signature)
     );
     // Unknown schemes beside a good v1 are ignored.
