@@ -7,6 +7,9 @@ use processor::db;
 use processor::worker::{Worker, WorkerSettings};
 use tokio_util::sync::CancellationToken;
 
+/// How long start-up waits for an unreachable database before giving up.
+const MIGRATION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -15,13 +18,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate { database } => {
             tracing::info!(?database, "applying migrations");
             let pool = db::pool(&database).context("invalid DATABASE_URL")?;
-            db::migrate(&pool).await.context("migrations failed")?;
+            db::migrate(&pool, MIGRATION_PATIENCE).await.context("migrations failed")?;
             tracing::info!("migrations applied");
         }
         Command::Run { database, worker } => {
             tracing::info!(?database, ?worker, "starting processor");
             let pool = db::pool(&database).context("invalid DATABASE_URL")?;
-            db::migrate(&pool).await.context("migrations failed")?;
+            db::migrate(&pool, MIGRATION_PATIENCE).await.context("migrations failed")?;
             let settings = WorkerSettings {
                 urls: worker.broker.amqp_url.clone(),
                 topology: worker.broker.topology(),

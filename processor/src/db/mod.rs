@@ -24,6 +24,26 @@ pub fn pool(args: &DatabaseArgs) -> Result<PgPool, sqlx::Error> {
         .connect_lazy(args.database_url.expose_secret())
 }
 
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+/// Applies the migrations, waiting for the database while it is unreachable (it may still
+/// be starting, e.g. under `docker compose up`) for at most `patience`. Concurrent processors
+/// are safe: sqlx serialises migrations with an advisory lock.
+pub async fn migrate(pool: &PgPool, patience: Duration) -> Result<(), sqlx::migrate::MigrateError> {
+    use backon::{ExponentialBuilder, Retryable};
+    let unreachable = |error: &sqlx::migrate::MigrateError| {
+        matches!(
+            error,
+            sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+        )
+    };
+    (|| MIGRATOR.run(pool))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(patience))
+                .without_max_times(),
+        )
+        .when(unreachable)
+        .notify(|error, delay| tracing::warn!(%error, retry_in = ?delay, "database unreachable"))
+        .await
 }
