@@ -12,6 +12,7 @@ pub mod broker;
 pub mod config;
 pub mod contract;
 pub mod envelope;
+pub mod metrics;
 pub mod shutdown;
 pub mod signature;
 pub mod telemetry;
