@@ -18,13 +18,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate { database } => {
             tracing::info!(?database, "applying migrations");
             let pool = db::pool(&database).context("invalid DATABASE_URL")?;
-            db::migrate(&pool, MIGRATION_PATIENCE).await.context("migrations failed")?;
+            db::migrate(&pool, MIGRATION_PATIENCE)
+                .await
+                .context("migrations failed")?;
             tracing::info!("migrations applied");
         }
         Command::Run { database, worker } => {
             tracing::info!(?database, ?worker, "starting processor");
             let pool = db::pool(&database).context("invalid DATABASE_URL")?;
-            db::migrate(&pool, MIGRATION_PATIENCE).await.context("migrations failed")?;
+            db::migrate(&pool, MIGRATION_PATIENCE)
+                .await
+                .context("migrations failed")?;
             let settings = WorkerSettings {
                 urls: worker.broker.amqp_url.clone(),
                 topology: worker.broker.topology(),
