@@ -109,7 +109,16 @@ impl Publisher {
             &message.body,
             properties,
         );
-        let error = match tokio::time::timeout(timeout, attempt).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(timeout, attempt).await;
+        let outcome = if matches!(result, Ok(Ok(()))) {
+            "ack"
+        } else {
+            "failed"
+        };
+        metrics::histogram!("ingest_publish_confirm_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        let error = match result {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(error)) if !error.channel_suspect() => return Err(error.into()),
             Ok(Err(error)) => PublishError::Broker(error),

@@ -21,6 +21,7 @@ use crate::routes;
 
 #[derive(Clone)]
 pub struct AppState {
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub endpoints: Arc<BTreeMap<String, Vec<WebhookSecret>>>,
     pub publisher: Publisher,
     pub tolerance_secs: u64,
@@ -66,6 +67,7 @@ impl Application {
         });
         tracing::info!(endpoints = ?endpoints.keys().collect::<Vec<_>>(), "serving webhook endpoints");
         let state = AppState {
+            metrics: shared::metrics::install(),
             endpoints: Arc::new(endpoints),
             publisher: publisher.clone(),
             tolerance_secs: config.tolerance_secs,
@@ -137,6 +139,7 @@ pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
     Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
         .merge(webhook)
         .fallback(routes::not_found)
         .with_state(state)

@@ -83,6 +83,19 @@ pub struct WorkerArgs {
     #[arg(long, env = "PROCESSOR_MAX_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_attempts: Option<u32>,
 
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "PROCESSOR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// How often queue depths are sampled for the metrics.
+    #[arg(long, env = "PROCESSOR_QUEUE_SAMPLE_INTERVAL", default_value = "10s",
+          value_parser = shared::config::parse_duration)]
+    pub queue_sample_interval: Duration,
+
+    /// Test-only crash hook (see `worker::TestHook`).
+    #[arg(long, env = "PROCESSOR_TEST_HOOK", hide = true)]
+    pub test_hook: Option<crate::worker::TestHook>,
+
     /// On SIGTERM, how long in-flight messages may take to finish before they are returned
     /// to the queue unacknowledged.
     #[arg(long, env = "PROCESSOR_SHUTDOWN_TIMEOUT", default_value = "30s",
@@ -94,7 +107,7 @@ pub struct WorkerArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryDelays(pub Vec<Duration>);
 
-fn parse_delays(raw: &str) -> Result<RetryDelays, String> {
+pub fn parse_delays(raw: &str) -> Result<RetryDelays, String> {
     let mut delays = Vec::new();
     for part in raw.split(',').map(str::trim) {
         let delay = shared::config::parse_duration(part)
@@ -150,4 +163,148 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Inspect, replay and purge the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// The event log (`stripe_events`): history of one event, re-enqueueing.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Live view of the queues and of what the processors do, refreshed every second.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// Depth, oldest message age, counts by failure class, error and event type.
+    Stats {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Print JSON: {"depth", "oldest_age_secs", "by_class", "by_type", "by_error"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per dead message, oldest first; nothing is removed or reordered.
+    List {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Only this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only this failure class (permanent, transient, crash).
+        #[arg(long)]
+        class: Option<String>,
+        /// At most this many lines.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one dead event: headers, error history, payload.
+    Show {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        event_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put matching messages back on the work queue with a fresh attempt count.
+    Replay {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        selector: Selector,
+        /// Only count what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replay at most this many messages.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Discard matching messages for good and mark their events `purged` in the event log.
+    Purge {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// These events.
+        #[arg(long = "event-id", num_args = 1.., required_unless_present = "all")]
+        event_ids: Vec<String>,
+        /// Every message in the dead-letter queue.
+        #[arg(long, conflicts_with = "event_ids")]
+        all: bool,
+        /// Confirm: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead messages `dlq replay` takes. `--type` and `--class` may be combined.
+#[derive(Debug, Clone, clap::Args)]
+#[group(required = true, multiple = true)]
+pub struct Selector {
+    /// Every message.
+    #[arg(long, conflicts_with_all = ["event_ids", "event_type", "class"])]
+    pub all: bool,
+    /// These events.
+    #[arg(long = "event-id", num_args = 1..)]
+    pub event_ids: Vec<String>,
+    /// Messages of this event type.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// Messages of this failure class (permanent, transient, crash).
+    #[arg(long)]
+    pub class: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum EventsCommand {
+    /// The event's history: received, attempts, errors, outcome, and its purchase.
+    Show {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        event_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-enqueue stored events from the log onto the work queue (safe: handling is
+    /// idempotent).
+    Replay {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(required = true)]
+        event_ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Processor metrics endpoints to read rates from (comma-separated, one per instance).
+    #[arg(
+        long,
+        env = "WATCH_METRICS_URLS",
+        default_value = "http://127.0.0.1:9090/metrics",
+        value_delimiter = ','
+    )]
+    pub metrics_urls: Vec<String>,
+    /// The processors' retry schedule, to know which retry queues to show.
+    #[arg(long, env = "PROCESSOR_RETRY_DELAYS", default_value = "5s,30s,2m,10m,1h,6h",
+          value_parser = parse_delays)]
+    pub retry_delays: RetryDelays,
+    /// Refresh interval.
+    #[arg(long, default_value = "1s", value_parser = shared::config::parse_duration)]
+    pub interval: Duration,
+    /// Print one plain-text snapshot and exit (for scripts, or without a terminal).
+    #[arg(long)]
+    pub once: bool,
 }

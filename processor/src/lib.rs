@@ -13,7 +13,10 @@
 pub mod checkout;
 pub mod config;
 pub mod db;
+pub mod dlq;
 pub mod error;
 pub mod handler;
+pub mod http;
+pub mod ops;
 pub mod split;
 pub mod worker;

@@ -1,17 +1,21 @@
-//! `processor`: turns queued Stripe events into purchases. See the crate docs.
+//! `processor`: turns queued Stripe events into purchases, and the operator commands that
+//! watch and repair the pipeline. See the crate docs.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use processor::config::{Cli, Command};
-use processor::db;
+use processor::config::{Cli, Command, DatabaseArgs, DlqCommand, EventsCommand, WorkerArgs};
+use processor::ops::{dead_letters, event_log, watch};
 use processor::worker::{Worker, WorkerSettings};
+use processor::{db, http};
 use tokio_util::sync::CancellationToken;
 
 /// How long start-up waits for an unreachable database before giving up.
 const MIGRATION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     shared::telemetry::init(cli.log.log_format);
     match cli.command {
@@ -22,33 +26,98 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("migrations failed")?;
             tracing::info!("migrations applied");
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Run { database, worker } => {
-            tracing::info!(?database, ?worker, "starting processor");
-            let pool = db::pool(&database).context("invalid DATABASE_URL")?;
-            db::migrate(&pool, MIGRATION_PATIENCE)
-                .await
-                .context("migrations failed")?;
-            let settings = WorkerSettings {
-                urls: worker.broker.amqp_url.clone(),
-                topology: worker.broker.topology(),
-                prefetch: worker.prefetch,
-                concurrency: usize::from(worker.concurrency),
-                delivery_limit: worker.delivery_limit,
-                retry_delays: worker.retry_delays.0.clone(),
-                max_attempts: worker.max_attempts(),
-                shutdown_timeout: worker.shutdown_timeout,
-            };
-            let shutdown = CancellationToken::new();
-            let trigger = shutdown.clone();
-            tokio::spawn(async move {
-                shared::shutdown::signal().await;
-                trigger.cancel();
-            });
-            Worker::new(pool.clone(), settings).run(shutdown).await;
-            pool.close().await;
-            tracing::info!("processor stopped");
-        }
+        Command::Run { database, worker } => run(database, worker).await,
+        Command::Dlq { command } => match command {
+            DlqCommand::Stats { broker, json } => dead_letters::stats(&broker, json).await,
+            DlqCommand::List {
+                broker,
+                event_type,
+                class,
+                limit,
+                json,
+            } => dead_letters::list(&broker, event_type, class, limit, json).await,
+            DlqCommand::Show {
+                broker,
+                event_id,
+                json,
+            } => dead_letters::show(&broker, &event_id, json).await,
+            DlqCommand::Replay {
+                broker,
+                selector,
+                dry_run,
+                limit,
+            } => dead_letters::replay(&broker, &selector, dry_run, limit).await,
+            DlqCommand::Purge {
+                broker,
+                database,
+                event_ids,
+                all,
+                yes,
+            } => dead_letters::purge(&broker, &database, event_ids, all, yes).await,
+        },
+        Command::Events { command } => match command {
+            EventsCommand::Show {
+                database,
+                event_id,
+                json,
+            } => event_log::show(&database, &event_id, json).await,
+            EventsCommand::Replay {
+                database,
+                broker,
+                event_ids,
+            } => event_log::replay(&database, &broker, &event_ids).await,
+        },
+        Command::Watch(args) => watch::run(&args).await,
     }
-    Ok(())
+}
+
+async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitCode> {
+    tracing::info!(?database, ?worker, "starting processor");
+    let pool = db::pool(&database).context("invalid DATABASE_URL")?;
+    db::migrate(&pool, MIGRATION_PATIENCE)
+        .await
+        .context("migrations failed")?;
+    let settings = WorkerSettings {
+        urls: worker.broker.amqp_url.clone(),
+        topology: worker.broker.topology(),
+        prefetch: worker.prefetch,
+        concurrency: usize::from(worker.concurrency),
+        delivery_limit: worker.delivery_limit,
+        retry_delays: worker.retry_delays.0.clone(),
+        max_attempts: worker.max_attempts(),
+        shutdown_timeout: worker.shutdown_timeout,
+        test_hook: worker.test_hook.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        shared::shutdown::signal().await;
+        trigger.cancel();
+    });
+
+    let consumer = Worker::new(pool.clone(), settings.clone());
+    let server = tokio::spawn(http::serve(
+        worker.metrics_addr,
+        consumer.ready_flag(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(http::sample_queues(
+        settings.urls.clone(),
+        settings.topology.clone(),
+        settings.retry_delays.clone(),
+        worker.queue_sample_interval,
+        shutdown.clone(),
+    ));
+    consumer.run(shutdown.clone()).await;
+    shutdown.cancel();
+    pool.close().await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "metrics server failed"),
+        Err(error) => tracing::error!(%error, "metrics server task failed"),
+    }
+    tracing::info!("processor stopped");
+    Ok(ExitCode::SUCCESS)
 }

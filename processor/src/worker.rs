@@ -10,7 +10,8 @@
 //! - the copy could not be confirmed: nack with requeue, so nothing is lost (it may run again,
 //!   which is harmless: handling is idempotent);
 //! - the processor dies holding it: RabbitMQ redelivers it, and dead-letters it itself once
-//!   the work queue's delivery limit is reached (class `crash` for the ops tools).
+//!   the work queue's delivery limit is reached (class `crash` for the ops tools);
+//! - redelivered although its dead-letter copy was confirmed (we died before the ack): ack.
 //!
 //! Publish-with-confirm first, ack second: a crash between the two may duplicate a message,
 //! never lose it.
@@ -30,7 +31,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use shared::broker::{AmqpUrls, BrokerError, publish_confirmed};
-use shared::contract::{EventMessage, FailureInfo, HEADER_ATTEMPT, with_headers};
+use shared::contract::{
+    EventMessage, FailureInfo, HEADER_ATTEMPT, HEADER_REPLAYED_AT, with_headers,
+};
 use shared::topology::{QueueSettings, Topology};
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -52,6 +55,35 @@ pub struct WorkerSettings {
     pub retry_delays: Vec<Duration>,
     pub max_attempts: u32,
     pub shutdown_timeout: Duration,
+    /// Only for the crash tests: see [`TestHook`].
+    pub test_hook: Option<TestHook>,
+}
+
+/// Ways to make the processor die on purpose, as `kill -9` would, at the moments the crash
+/// tests need. Set with the hidden `PROCESSOR_TEST_HOOK` variable; never in production.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestHook {
+    /// `crash-on-event:<event id>`: die whenever this event is being handled.
+    CrashOnEvent(String),
+    /// `crash-after-dead-letter`: die after a dead letter is confirmed, before the ack.
+    CrashAfterDeadLetter,
+}
+
+impl std::str::FromStr for TestHook {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw.split_once(':') {
+            Some(("crash-on-event", id)) if !id.is_empty() => Ok(Self::CrashOnEvent(id.to_owned())),
+            None if raw == "crash-after-dead-letter" => Ok(Self::CrashAfterDeadLetter),
+            _ => Err(format!("PROCESSOR_TEST_HOOK: unknown hook `{raw}`")),
+        }
+    }
+}
+
+fn crash(reason: &str) -> ! {
+    eprintln!("test hook: aborting ({reason})");
+    std::process::abort()
 }
 
 impl WorkerSettings {
@@ -281,7 +313,14 @@ async fn handle_delivery(
         Err(error) => {
             tracing::error!(%error, "message does not follow the contract; dead-lettering it");
             let failure = failure_now(&delivery, "permanent", &error.to_string());
-            settle_by_moving(&context, &delivery, Move::DeadLetter(failure), None).await;
+            settle_by_moving(
+                &context,
+                &delivery,
+                Move::DeadLetter(failure),
+                None,
+                async {},
+            )
+            .await;
             return;
         }
     };
@@ -292,12 +331,29 @@ async fn handle_delivery(
         attempt = message.attempt,
     );
     async move {
+        if let Some(TestHook::CrashOnEvent(id)) = &context.settings.test_hook
+            && *id == message.event_id
+        {
+            crash("crash-on-event");
+        }
+        if delivery.redelivered && already_dead_lettered(&context.pool, &delivery, &message).await {
+            // We died after moving it to the dead-letter queue but before the ack: the copy
+            // is there, so this one goes.
+            tracing::info!("redelivered after its dead-lettering; acking the leftover");
+            metrics::counter!("processor_messages_total", "outcome" => "leftover").increment(1);
+            ack(&delivery).await;
+            return;
+        }
         let started = Instant::now();
         let result = handler::handle(&context.pool, &message).await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let elapsed_ms = elapsed.as_millis() as u64;
+        let label = result.as_ref().map_or("failed", |o| o.label());
+        metrics::histogram!("processor_handle_seconds", "outcome" => label).record(elapsed.as_secs_f64());
         match result {
             Ok(outcome) => {
                 tracing::info!(outcome = outcome.label(), elapsed_ms, "event handled");
+                metrics::counter!("processor_messages_total", "outcome" => outcome.label()).increment(1);
                 ack(&delivery).await;
             }
             Err(error) => {
@@ -323,8 +379,13 @@ async fn handle_delivery(
                     Move::DeadLetter(_) => EventStatus::Dead,
                 };
                 tracing::warn!(class = class.as_str(), error = %text, elapsed_ms, next = status.as_str(), "event failed");
-                record_failure(&context.pool, &message, status, &failure.last_error).await;
-                settle_by_moving(&context, &delivery, action, Some(message.attempt)).await;
+                let last_error = match &action {
+                    Move::Retry(_, f) | Move::DeadLetter(f) => f.last_error.clone(),
+                };
+                let pool = context.pool.clone();
+                let attempt = message.attempt;
+                let record = async move { record_failure(&pool, &message, status, &last_error).await };
+                settle_by_moving(&context, &delivery, action, Some(attempt), record).await;
             }
         }
     }
@@ -358,13 +419,16 @@ fn failure_now(delivery: &Delivery, class: &str, error: &str) -> FailureInfo {
     }
 }
 
-/// Publishes the copy (confirmed), then acks the original. If the copy is not confirmed,
-/// the original goes back to the queue instead.
+/// Publishes the copy (confirmed), records the failure (`record`), then acks the original.
+/// If the copy is not confirmed, the original goes back to the queue instead. The record
+/// comes after the confirm: a `dead` status then always means the copy is in the queue,
+/// which is what lets a redelivered leftover be recognised.
 async fn settle_by_moving(
     context: &Context,
     delivery: &Delivery,
     action: Move,
     attempt: Option<u32>,
+    record: impl std::future::Future<Output = ()>,
 ) {
     let topology = &context.settings.topology;
     let (exchange, routing_key, properties) = match &action {
@@ -397,17 +461,30 @@ async fn settle_by_moving(
             )
         }
     };
-    match publish_confirmed(
+    let outcome = match action {
+        Move::Retry(..) => "retried",
+        Move::DeadLetter(_) => "dead_lettered",
+    };
+    let published = publish_confirmed(
         &context.publish,
         &exchange,
         &routing_key,
         &delivery.data,
         properties,
     )
-    .await
-    {
-        Ok(()) => ack(delivery).await,
+    .await;
+    match published {
+        Ok(()) => {
+            record.await;
+            metrics::counter!("processor_messages_total", "outcome" => outcome).increment(1);
+            let hook = context.settings.test_hook.as_ref();
+            if outcome == "dead_lettered" && hook == Some(&TestHook::CrashAfterDeadLetter) {
+                crash("crash-after-dead-letter");
+            }
+            ack(delivery).await
+        }
         Err(error) => {
+            metrics::counter!("processor_messages_total", "outcome" => "requeued").increment(1);
             tracing::error!(%error, target = routing_key, "could not move the message; returning it to the queue");
             nack_requeue(delivery).await;
         }
@@ -430,6 +507,24 @@ async fn nack_requeue(delivery: &Delivery) {
     if let Err(error) = delivery.acker.nack(options).await {
         tracing::warn!(%error, "could not nack; the message will be redelivered");
     }
+}
+
+/// A redelivered message whose event the log says is dead, and that no operator put back.
+async fn already_dead_lettered(pool: &PgPool, delivery: &Delivery, message: &EventMessage) -> bool {
+    let replayed = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(HEADER_REPLAYED_AT));
+    if replayed {
+        return false;
+    }
+    let status = tokio::time::timeout(
+        Duration::from_secs(2),
+        events::status(pool, &message.event_id),
+    )
+    .await;
+    matches!(status, Ok(Ok(Some(s))) if s == EventStatus::Dead.as_str())
 }
 
 /// Best effort: the event log is for people; the broker holds the truth about the message.

@@ -19,6 +19,8 @@ pub const HEADER_RECEIVED_AT: &str = "x-received-at-ms";
 /// from 3.13 on ignore an `x-death` header that a client republishes.
 pub const HEADER_ATTEMPT: &str = "x-attempt";
 
+/// Set on a message an operator put back (`dlq replay`, `events replay`), unix milliseconds.
+pub const HEADER_REPLAYED_AT: &str = "x-replayed-at-ms";
 /// Dead letters and retries: why the message failed.
 pub const HEADER_FAILURE_CLASS: &str = "x-failure-class";
 /// The last error, as text.
@@ -79,6 +81,41 @@ impl FailureInfo {
 
 fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// Headers that describe a message's failures, by us or by the broker.
+const FAILURE_HEADERS: [&str; 7] = [
+    HEADER_FAILURE_CLASS,
+    HEADER_LAST_ERROR,
+    HEADER_FIRST_FAILURE_AT,
+    HEADER_LAST_FAILURE_AT,
+    HEADER_ORIGINAL_ROUTING_KEY,
+    "x-death",
+    "x-delivery-count",
+];
+
+/// Properties for putting a failed message back to work: the failure history is dropped, the
+/// attempt count starts again at 1, and the replay time is recorded.
+pub fn replayed(properties: &BasicProperties, now: DateTime<Utc>) -> BasicProperties {
+    let mut fresh = FieldTable::default();
+    if let Some(headers) = properties.headers() {
+        for (key, value) in headers {
+            if !FAILURE_HEADERS.contains(&key.as_str())
+                && !key.as_str().starts_with("x-first-death")
+            {
+                fresh.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    fresh.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(1));
+    fresh.insert(
+        HEADER_REPLAYED_AT.into(),
+        AMQPValue::LongLongInt(now.timestamp_millis()),
+    );
+    properties
+        .clone()
+        .with_headers(fresh)
+        .with_delivery_mode(PERSISTENT)
 }
 
 /// The same properties with `headers` changed by `edit`: how a message is re-published to a
@@ -225,6 +262,31 @@ mod tests {
         assert_eq!(props.delivery_mode(), &Some(2));
         let back = EventMessage::from_delivery("ignored.key", &props, b"{}".to_vec()).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn replay_starts_afresh() {
+        let mut headers = FieldTable::default();
+        FailureInfo {
+            class: "permanent".into(),
+            last_error: "boom".into(),
+            first_failure_at: Utc::now(),
+            last_failure_at: Utc::now(),
+            original_routing_key: "a.b".into(),
+        }
+        .write(&mut headers);
+        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(7));
+        headers.insert(HEADER_ENDPOINT.into(), long_string("booking"));
+        let props = BasicProperties::default().with_headers(headers);
+        let fresh = replayed(&props, Utc::now());
+        let headers = fresh.headers().clone().unwrap();
+        assert!(FailureInfo::read(&headers).is_none());
+        assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(1));
+        assert!(header_i64(&headers, HEADER_REPLAYED_AT).is_some());
+        assert_eq!(
+            header_str(&headers, HEADER_ENDPOINT).as_deref(),
+            Some("booking")
+        );
     }
 
     #[test]

@@ -27,3 +27,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             .into_response()
     }
 }
+
+/// Prometheus text.
+pub async fn metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
+}

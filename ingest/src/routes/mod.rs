@@ -3,13 +3,35 @@
 mod health;
 mod webhook;
 
-pub use health::{healthz, readyz};
+pub use health::{healthz, metrics, readyz};
 pub use webhook::receive;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::json_error;
+
+/// Counts webhook requests by endpoint and status (`ingest_requests_total`). Unknown
+/// endpoints share one label, so that random paths cannot grow the metric without bound.
+pub async fn count_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = request
+        .uri()
+        .path()
+        .strip_prefix("/webhooks/stripe/")
+        .and_then(|name| crate::config::ENDPOINTS.into_iter().find(|e| *e == name))
+        .unwrap_or("unknown");
+    let response = next.run(request).await;
+    metrics::counter!(
+        "ingest_requests_total",
+        "endpoint" => endpoint,
+        "status" => response.status().as_str().to_owned()
+    )
+    .increment(1);
+    response
+}
 
 /// Any path we do not serve.
 pub async fn not_found() -> Response {

@@ -14,6 +14,7 @@ pub enum EventStatus {
     Failed,
     Retrying,
     Dead,
+    Purged,
 }
 
 impl EventStatus {
@@ -25,6 +26,7 @@ impl EventStatus {
             Self::Failed => "failed",
             Self::Retrying => "retrying",
             Self::Dead => "dead",
+            Self::Purged => "purged",
         }
     }
 
@@ -83,6 +85,14 @@ pub async fn finish(
     .execute(conn)
     .await
     .map(|_| ())
+}
+
+/// The status of an event, if it is in the log.
+pub async fn status(pool: &PgPool, event_id: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM stripe_events WHERE id = $1")
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// Records a failed attempt outside the (rolled back) processing transaction. Never moves

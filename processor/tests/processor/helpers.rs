@@ -120,6 +120,7 @@ pub fn settings(prefix: &str, retry_delays: Vec<Duration>, max_attempts: u32) ->
         retry_delays,
         max_attempts,
         shutdown_timeout: Duration::from_secs(10),
+        test_hook: None,
     }
 }
 
