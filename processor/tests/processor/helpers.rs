@@ -128,6 +128,31 @@ pub fn test_prefix() -> String {
     format!("test.{}", Uuid::new_v4().simple())
 }
 
+/// Declares a test's queues without consuming them: for tests that run the binary.
+pub async fn open_broker(settings: WorkerSettings) -> TestWorker {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running for these tests (see README)");
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    settings
+        .topology
+        .declare(&channel, &settings.queue_settings())
+        .await
+        .unwrap();
+    TestWorker {
+        topology: settings.topology.clone(),
+        channel,
+        settings,
+        _connection: connection,
+        cancel: CancellationToken::new(),
+        handle: None,
+    }
+}
+
 /// Starts a worker on its own queues and waits until it consumes.
 pub async fn start_worker(pool: PgPool, settings: WorkerSettings) -> TestWorker {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -299,4 +324,54 @@ impl CuttableProxy {
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+}
+
+// ---- the processor binary ----------------------------------------------------------------
+
+/// `DATABASE_URL` for the test's own database (the one `#[sqlx::test]` made).
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_owned();
+    let (server, _) = base.rsplit_once('/').unwrap();
+    format!("{server}/{db}")
+}
+
+/// The `processor` binary with the environment of one test.
+pub fn processor(pool: &PgPool, prefix: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_processor"));
+    command
+        .env("DATABASE_URL", database_url(pool))
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_PREFIX", prefix)
+        .env("PROCESSOR_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("PROCESSOR_TEST_HOOK");
+    command
+}
+
+/// Runs an ops command; returns (exit code, stdout).
+pub async fn ops(pool: &PgPool, prefix: &str, args: &[&str]) -> (i32, String) {
+    let mut command = processor(pool, prefix);
+    command.args(args);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+    )
+}
+
+pub async fn ops_json(pool: &PgPool, prefix: &str, args: &[&str]) -> Value {
+    let (code, out) = ops(pool, prefix, args).await;
+    assert_eq!(code, 0, "{args:?}: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
 }

@@ -1,0 +1,164 @@
+//! Crashes of the real `processor` binary (a test hook aborts it, as `kill -9` would): a
+//! message that kills it every time is dead-lettered by the broker after the delivery limit,
+//! and a crash between the dead-letter publish and the ack loses nothing and doubles nothing.
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+const DELIVERY_LIMIT: u32 = 3;
+
+fn run_processor(pool: &PgPool, prefix: &str, hook: Option<&str>) -> Child {
+    let mut command = processor(pool, prefix);
+    command
+        .args(["run"])
+        .env("PROCESSOR_DELIVERY_LIMIT", DELIVERY_LIMIT.to_string())
+        .env("PROCESSOR_RETRY_DELAYS", "200ms")
+        .env("PROCESSOR_SHUTDOWN_TIMEOUT", "5s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(hook) = hook {
+        command.env("PROCESSOR_TEST_HOOK", hook);
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits for the child to exit on its own; kills it after `limit`. True if it exited.
+async fn exited_within(child: &mut Child, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// SIGTERM, then the exit status.
+async fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    panic!("processor did not stop within 10 s of SIGTERM");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_message_that_kills_the_processor_is_dead_lettered_after_the_delivery_limit(
+    pool: PgPool,
+) {
+    seed_catalog(&pool).await;
+    let prefix = test_prefix();
+    let mut settings = settings(&prefix, vec![Duration::from_millis(200)], 3);
+    settings.delivery_limit = DELIVERY_LIMIT;
+    let broker = open_broker(settings).await;
+    broker
+        .publish(&message(paid_session_body("evt_killer", "pi_killer", 1999)))
+        .await;
+
+    let mut crashes = 0;
+    for _ in 0..10 {
+        let mut child = run_processor(&pool, &prefix, Some("crash-on-event:evt_killer"));
+        if exited_within(&mut child, Duration::from_secs(15)).await {
+            crashes += 1;
+        }
+        if broker.depth(&broker.topology.dead_queue).await == 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        broker.depth(&broker.topology.dead_queue).await,
+        1,
+        "after {crashes} crashes"
+    );
+    assert!(
+        crashes >= DELIVERY_LIMIT as usize,
+        "dead-lettered after only {crashes} crashes"
+    );
+    assert_eq!(broker.depth(&broker.topology.work_queue).await, 0);
+
+    let stats = ops_json(&pool, &prefix, &["dlq", "stats", "--json"]).await;
+    assert_eq!(stats["by_class"], json!({"crash": 1}), "{stats}");
+    let (_, listed) = ops(&pool, &prefix, &["dlq", "list"]).await;
+    assert!(
+        listed.contains("evt_killer") && listed.contains("without being settled"),
+        "{listed}"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_crash_between_dead_letter_and_ack_loses_nothing_and_doubles_nothing(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let prefix = test_prefix();
+    let mut settings = settings(&prefix, vec![Duration::from_millis(200)], 3);
+    settings.delivery_limit = DELIVERY_LIMIT;
+    let broker = open_broker(settings).await;
+    let body = edit(&paid_session_body("evt_dl", "pi_dl", 1999), |e| {
+        e["data"]["object"]["metadata"]["contentId"] = Uuid::new_v4().to_string().into();
+    });
+    broker.publish(&message(body)).await;
+
+    // It dead-letters the event, then dies before acking the original.
+    let mut child = run_processor(&pool, &prefix, Some("crash-after-dead-letter"));
+    assert!(
+        exited_within(&mut child, Duration::from_secs(20)).await,
+        "the hook did not fire"
+    );
+    assert_eq!(broker.depth(&broker.topology.dead_queue).await, 1);
+    assert_eq!(event_status(&pool, "evt_dl").await.unwrap().0, "dead");
+
+    // A healthy processor gets the original again and recognises it as a leftover.
+    let mut child = run_processor(&pool, &prefix, None);
+    wait_for("the leftover to be settled", || async {
+        broker.depth(&broker.topology.work_queue).await == 0
+            && count(
+                &pool,
+                "SELECT attempts::bigint FROM stripe_events WHERE id = 'evt_dl'",
+            )
+            .await
+                >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+
+    assert_eq!(
+        broker.depth(&broker.topology.work_queue).await,
+        0,
+        "nothing left unsettled"
+    );
+    assert_eq!(
+        broker.depth(&broker.topology.dead_queue).await,
+        1,
+        "exactly one dead letter"
+    );
+    let dead = broker.take_dead().await;
+    assert_eq!(
+        dead[0]
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "evt_dl"
+    );
+}
