@@ -136,6 +136,8 @@ pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
             rate_limit::enforce,
         ));
     }
+    // Outermost on the route, so that 429s are counted too.
+    webhook = webhook.route_layer(axum::middleware::from_fn(routes::count_request));
     Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))

@@ -17,6 +17,7 @@ pub mod dlq;
 pub mod error;
 pub mod handler;
 pub mod http;
+pub mod lifecycle;
 pub mod ops;
 pub mod split;
 pub mod worker;

@@ -270,3 +270,39 @@ async fn duplicate_deliveries_are_all_accepted_and_queued() {
     }
     assert_eq!(app.queued().await.len(), 3);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_endpoint_and_status() {
+    let app = spawn_app().await;
+    let (_, body) = event("a.b");
+    assert_eq!(app.post_signed(body.clone()).await.status(), 200);
+    assert_eq!(app.post("booking", body, None).await.status(), 400);
+    let (_, other) = event("a.b");
+    assert_eq!(
+        app.post("no-such-endpoint", other, None).await.status(),
+        404
+    );
+
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Other tests in this process count too, so only presence is asserted.
+    for line in [
+        r#"ingest_requests_total{endpoint="booking",status="200"}"#,
+        r#"ingest_requests_total{endpoint="booking",status="400"}"#,
+        r#"ingest_requests_total{endpoint="unknown",status="404"}"#,
+        r#"ingest_publish_confirm_seconds_bucket{outcome="ack""#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(
+        !text.contains("no-such-endpoint"),
+        "unknown endpoints must not become labels"
+    );
+}

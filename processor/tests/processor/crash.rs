@@ -162,3 +162,57 @@ async fn a_crash_between_dead_letter_and_ack_loses_nothing_and_doubles_nothing(p
         "evt_dl"
     );
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_binary_serves_probes_and_metrics_and_stops_on_sigterm(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let prefix = test_prefix();
+    let broker = open_broker(settings(&prefix, vec![Duration::from_millis(200)], 3)).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = processor(&pool, &prefix);
+    command
+        .args(["run"])
+        .env("PROCESSOR_DELIVERY_LIMIT", "5")
+        .env("PROCESSOR_RETRY_DELAYS", "200ms")
+        .env("PROCESSOR_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("/readyz", || async {
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    broker
+        .publish(&message(paid_session_body("evt_m", "pi_m", 1999)))
+        .await;
+    wait_for("the purchase", || async {
+        count(&pool, "SELECT count(*) FROM purchases").await == 1
+    })
+    .await;
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"processor_messages_total{outcome="processed"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("processor_handle_seconds_bucket"), "{text}");
+
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "{status}");
+    assert_eq!(broker.depth(&broker.topology.work_queue).await, 0);
+}
