@@ -14,6 +14,9 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Deserialize)]
 pub struct CheckoutSession {
     pub id: String,
+    /// `payment`, `setup` or `subscription`; only `payment` sessions are purchases.
+    #[serde(default)]
+    pub mode: Option<String>,
     #[serde(default)]
     pub payment_status: Option<String>,
     /// An id, or the expanded object when the session was fetched with `expand`.

@@ -175,6 +175,26 @@ pub enum Command {
     },
     /// Live view of the queues and of what the processors do, refreshed every second.
     Watch(WatchArgs),
+    /// Whether a user may see a piece of content.
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AccessCommand {
+    /// Prints `granted` and exits 0, or prints `not granted` and exits 1.
+    Check {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The user's id.
+        #[arg(long)]
+        user: uuid::Uuid,
+        /// The content's id.
+        #[arg(long)]
+        content: uuid::Uuid,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]

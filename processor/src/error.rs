@@ -57,6 +57,23 @@ pub enum ProcessError {
     },
     #[error("no platform fee is configured at {0}")]
     NoPlatformFee(DateTime<Utc>),
+    #[error("no purchase for payment intent {payment_intent} yet: the {event} waits for it")]
+    PurchaseNotYet {
+        payment_intent: String,
+        event: &'static str,
+    },
+    #[error("another transaction kept changing this payment's purchase; retrying")]
+    Concurrent,
+    #[error("purchase has an unknown status `{0}`")]
+    UnknownStatus(String),
+    #[error("data.object is not a {kind}: {source}")]
+    BadObject {
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0} has no payment_intent")]
+    NoPaymentIntent(&'static str),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -65,6 +82,8 @@ impl ProcessError {
     pub fn class(&self) -> FailureClass {
         match self {
             Self::Database(error) => classify_database(error),
+            // The purchase may arrive later (events come in any order); a race resolves itself.
+            Self::PurchaseNotYet { .. } | Self::Concurrent => FailureClass::Transient,
             _ => FailureClass::Permanent,
         }
     }
@@ -78,6 +97,7 @@ fn classify_database(error: &sqlx::Error) -> FailureClass {
             let code = db.code();
             let code = code.as_deref().unwrap_or("");
             let transient = code == "40001" // serialization_failure
+                || code == "23505" // unique_violation: a concurrent insert won; retry sees it
                 || code == "40P01" // deadlock_detected
                 || code == "55P03" // lock_not_available
                 || code == "57014" // query_canceled (statement timeout)

@@ -2,9 +2,12 @@
 //!
 //! The transaction first claims the event's row in `stripe_events` (which serialises
 //! concurrent deliveries of one event), skips events already done, applies the effect, and
-//! marks the event done. Nothing is acknowledged to RabbitMQ before it commits.
+//! marks the event done. Nothing is acknowledged to RabbitMQ before it commits. The rules
+//! that make any order of events converge are in [`crate::lifecycle`].
 
 use chrono::{DateTime, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::Value;
 use shared::contract::EventMessage;
 use shared::envelope::EventEnvelope;
 use sqlx::PgPool;
@@ -12,10 +15,20 @@ use uuid::Uuid;
 
 use crate::checkout::{CheckoutSession, PurchaseRequest};
 use crate::db::events::{self, EventStatus};
-use crate::db::purchases::{self, Completion};
+use crate::db::purchases::{self, Change};
 use crate::error::ProcessError;
+use crate::lifecycle::{Signal, Status};
 
 pub const CHECKOUT_COMPLETED: &str = "checkout.session.completed";
+pub const ASYNC_SUCCEEDED: &str = "checkout.session.async_payment_succeeded";
+pub const ASYNC_FAILED: &str = "checkout.session.async_payment_failed";
+pub const CHECKOUT_EXPIRED: &str = "checkout.session.expired";
+pub const CHARGE_REFUNDED: &str = "charge.refunded";
+pub const DISPUTE_EVENTS: [&str; 3] = [
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
+];
 
 /// What handling an event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +37,11 @@ pub enum Outcome {
     Purchased(Uuid),
     /// A second payment for content the customer owns: stored for a refund.
     RequiresRefund(Uuid),
-    /// The event, or another event for the same payment, was handled before.
+    /// A purchase was created in, or moved to, another status, or its refund or dispute
+    /// changed.
+    Updated(Uuid),
+    /// Nothing changed: the event, or another one for the same payment, was handled before,
+    /// or it is stale (a late event the purchase has moved past).
     Duplicate,
     /// Recorded in the event log; nothing else to do.
     Ignored(&'static str),
@@ -36,6 +53,7 @@ impl Outcome {
         match self {
             Self::Purchased(_) => "processed",
             Self::RequiresRefund(_) => "requires_refund",
+            Self::Updated(_) => "updated",
             Self::Duplicate => "duplicate",
             Self::Ignored(_) => "ignored",
         }
@@ -47,37 +65,141 @@ impl Outcome {
             _ => EventStatus::Processed,
         }
     }
+
+    fn of(change: Change) -> Self {
+        match change {
+            Change::Created {
+                id,
+                status: Status::Completed,
+            } => Self::Purchased(id),
+            Change::Created {
+                id,
+                status: Status::RequiresRefund,
+            }
+            | Change::Moved {
+                id,
+                to: Status::RequiresRefund,
+                ..
+            } => Self::RequiresRefund(id),
+            Change::Created { id, .. } | Change::Moved { id, .. } | Change::Updated { id } => {
+                Self::Updated(id)
+            }
+            Change::Unchanged => Self::Duplicate,
+        }
+    }
 }
 
 /// The effect an event should have, decided from the payload alone.
 enum Plan {
-    CompletePurchase {
+    Session {
         request: PurchaseRequest,
-        at: DateTime<Utc>,
+        signal: Signal,
+    },
+    Refund {
+        payment_intent: String,
+        amount_refunded: i64,
+        full: bool,
+    },
+    Dispute {
+        payment_intent: String,
+        status: String,
     },
     Ignore(&'static str),
 }
 
+/// An id, or the expanded object carrying it.
+fn id_of(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(id) => Some(id.clone()),
+        Value::Object(object) => object.get("id")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+#[derive(Deserialize)]
+struct Charge {
+    #[serde(default)]
+    payment_intent: Option<Value>,
+    #[serde(default)]
+    amount_refunded: i64,
+    #[serde(default)]
+    refunded: bool,
+}
+
+#[derive(Deserialize)]
+struct Dispute {
+    #[serde(default)]
+    payment_intent: Option<Value>,
+    status: String,
+}
+
+fn object(envelope: &EventEnvelope) -> Result<&Value, ProcessError> {
+    envelope.object().ok_or_else(|| ProcessError::NoObject {
+        event_id: envelope.id.clone(),
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    envelope: &EventEnvelope,
+    kind: &'static str,
+) -> Result<T, ProcessError> {
+    T::deserialize(object(envelope)?).map_err(|source| ProcessError::BadObject { kind, source })
+}
+
 fn plan(envelope: &EventEnvelope) -> Result<Plan, ProcessError> {
-    match envelope.event_type.as_str() {
-        CHECKOUT_COMPLETED => {
-            let object = envelope.object().ok_or_else(|| ProcessError::NoObject {
-                event_id: envelope.id.clone(),
-            })?;
-            let session =
-                CheckoutSession::from_object(object).map_err(ProcessError::NotASession)?;
-            if !session.is_paid() {
-                return Ok(Plan::Ignore("checkout session is not paid"));
+    let event_type = envelope.event_type.as_str();
+    match event_type {
+        CHECKOUT_COMPLETED | ASYNC_SUCCEEDED | ASYNC_FAILED => {
+            let session = CheckoutSession::from_object(object(envelope)?)
+                .map_err(ProcessError::NotASession)?;
+            if session.mode.as_deref().is_some_and(|m| m != "payment") {
+                return Ok(Plan::Ignore("checkout session is not a one-time payment"));
             }
+            let signal = match event_type {
+                ASYNC_SUCCEEDED => Signal::Paid,
+                ASYNC_FAILED => Signal::PaymentFailed,
+                _ if session.is_paid() => Signal::Paid,
+                _ if session.payment_status.as_deref() == Some("unpaid") => Signal::Unpaid,
+                _ => return Ok(Plan::Ignore("checkout session needs no payment")),
+            };
             let request = PurchaseRequest::from_session(&session)?;
-            let at = envelope
-                .created
-                .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
-                .unwrap_or_else(Utc::now);
-            Ok(Plan::CompletePurchase { request, at })
+            Ok(Plan::Session { request, signal })
         }
+        CHARGE_REFUNDED => {
+            let charge: Charge = parse(envelope, "charge")?;
+            let payment_intent = id_of(charge.payment_intent.as_ref())
+                .ok_or(ProcessError::NoPaymentIntent("charge"))?;
+            Ok(Plan::Refund {
+                payment_intent,
+                amount_refunded: charge.amount_refunded,
+                full: charge.refunded,
+            })
+        }
+        _ if DISPUTE_EVENTS.contains(&event_type) => {
+            let dispute: Dispute = parse(envelope, "dispute")?;
+            let payment_intent = id_of(dispute.payment_intent.as_ref())
+                .ok_or(ProcessError::NoPaymentIntent("dispute"))?;
+            Ok(Plan::Dispute {
+                payment_intent,
+                status: dispute.status,
+            })
+        }
+        CHECKOUT_EXPIRED => Ok(Plan::Ignore("checkout session expired unpaid")),
+        // The checkout session events carry the purchase metadata and the same payment
+        // outcome; the payment intent events would only repeat them without the metadata.
+        "payment_intent.succeeded" | "payment_intent.payment_failed" => Ok(Plan::Ignore(
+            "payment intent events repeat the checkout session events",
+        )),
         _ => Ok(Plan::Ignore("event type is not handled")),
     }
+}
+
+/// When Stripe created the event: the time the purchase, refund or dispute happened.
+fn created_at(envelope: &EventEnvelope) -> DateTime<Utc> {
+    envelope
+        .created
+        .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
+        .unwrap_or_else(Utc::now)
 }
 
 /// Handles one event. Safe to call any number of times for the same event, also
@@ -91,6 +213,7 @@ pub async fn handle(pool: &PgPool, message: &EventMessage) -> Result<Outcome, Pr
         });
     }
     let plan = plan(&envelope)?;
+    let at = created_at(&envelope);
     let payload = events::payload_json(&message.body);
 
     let mut tx = pool.begin().await?;
@@ -99,25 +222,34 @@ pub async fn handle(pool: &PgPool, message: &EventMessage) -> Result<Outcome, Pr
         tx.commit().await?;
         return Ok(Outcome::Duplicate);
     }
-    let outcome = match plan {
+    let outcome = match &plan {
         Plan::Ignore(reason) => Outcome::Ignored(reason),
-        Plan::CompletePurchase { request, at } => {
-            match purchases::complete(&mut tx, &request, at, &message.event_id).await? {
-                Completion::Completed(id) => Outcome::Purchased(id),
-                Completion::RequiresRefund(id) => {
-                    tracing::warn!(
-                        event_id = message.event_id,
-                        purchase_id = %id,
-                        customer_id = %request.customer_id,
-                        content_id = %request.content_id,
-                        payment_intent = request.payment_intent_id,
-                        "customer paid again for content they own; purchase stored as requires_refund"
-                    );
-                    Outcome::RequiresRefund(id)
-                }
-                Completion::AlreadyRecorded => Outcome::Duplicate,
+        Plan::Session { request, signal } => {
+            let change =
+                purchases::apply_session(&mut tx, request, *signal, at, &message.event_id).await?;
+            let outcome = Outcome::of(change);
+            if let Outcome::RequiresRefund(id) = outcome {
+                tracing::warn!(
+                    purchase_id = %id,
+                    customer_id = %request.customer_id,
+                    content_id = %request.content_id,
+                    payment_intent = request.payment_intent_id,
+                    "customer paid again for content they own; purchase stored as requires_refund"
+                );
             }
+            outcome
         }
+        Plan::Refund {
+            payment_intent,
+            amount_refunded,
+            full,
+        } => Outcome::of(
+            purchases::apply_refund(&mut tx, payment_intent, *amount_refunded, *full, at).await?,
+        ),
+        Plan::Dispute {
+            payment_intent,
+            status,
+        } => Outcome::of(purchases::apply_dispute(&mut tx, payment_intent, status, at).await?),
     };
     events::finish(&mut tx, &message.event_id, outcome.event_status()).await?;
     tx.commit().await?;

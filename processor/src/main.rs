@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use processor::config::{Cli, Command, DatabaseArgs, DlqCommand, EventsCommand, WorkerArgs};
-use processor::ops::{dead_letters, event_log, watch};
+use processor::config::{
+    AccessCommand, Cli, Command, DatabaseArgs, DlqCommand, EventsCommand, WorkerArgs,
+};
+use processor::ops::{access, dead_letters, event_log, watch};
 use processor::worker::{Worker, WorkerSettings};
 use processor::{db, http};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +72,14 @@ async fn main() -> anyhow::Result<ExitCode> {
             } => event_log::replay(&database, &broker, &event_ids).await,
         },
         Command::Watch(args) => watch::run(&args).await,
+        Command::Access {
+            command:
+                AccessCommand::Check {
+                    database,
+                    user,
+                    content,
+                },
+        } => access::check(&database, user, content).await,
     }
 }
 

@@ -6,19 +6,62 @@ use uuid::Uuid;
 
 use crate::checkout::PurchaseRequest;
 use crate::error::ProcessError;
+use crate::lifecycle::{self, Signal, Status};
 use crate::split;
 
-/// What completing a paid session did.
+/// What an event did to the payment's purchase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Completion {
-    /// A new completed purchase and its access grant.
-    Completed(Uuid),
-    /// The customer already owned the content through another payment: the purchase is
-    /// stored as `requires_refund` and grants nothing.
-    RequiresRefund(Uuid),
-    /// This payment already has its purchase (a second event object for the same payment
-    /// intent or checkout session).
-    AlreadyRecorded,
+pub enum Change {
+    /// A new purchase row, in this status.
+    Created { id: Uuid, status: Status },
+    /// An existing purchase moved from one status to another.
+    Moved { id: Uuid, from: Status, to: Status },
+    /// Amounts or dispute status changed, the status did not.
+    Updated { id: Uuid },
+    /// Nothing to change: a repeat, or a stale event.
+    Unchanged,
+}
+
+/// The purchase of one payment, locked for the rest of the transaction.
+struct Locked {
+    id: Uuid,
+    status: Status,
+    customer_id: Uuid,
+    content_id: Uuid,
+    amount_paid_cents: i32,
+    refunded_amount_cents: i32,
+    dispute_status: Option<String>,
+    dispute_updated_at: Option<DateTime<Utc>>,
+}
+
+async fn lock(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    session: Option<&str>,
+) -> Result<Option<Locked>, ProcessError> {
+    let row = sqlx::query(
+        "SELECT id, status, customer_id, content_id, amount_paid_cents, refunded_amount_cents,
+                dispute_status, dispute_updated_at
+           FROM purchases
+          WHERE stripe_payment_intent_id = $1 OR stripe_checkout_session_id = $2
+          FOR UPDATE",
+    )
+    .bind(payment_intent)
+    .bind(session)
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let status: String = row.try_get("status")?;
+    Ok(Some(Locked {
+        id: row.try_get("id")?,
+        status: Status::parse(&status).ok_or(ProcessError::UnknownStatus(status))?,
+        customer_id: row.try_get("customer_id")?,
+        content_id: row.try_get("content_id")?,
+        amount_paid_cents: row.try_get("amount_paid_cents")?,
+        refunded_amount_cents: row.try_get("refunded_amount_cents")?,
+        dispute_status: row.try_get("dispute_status")?,
+        dispute_updated_at: row.try_get("dispute_updated_at")?,
+    }))
 }
 
 /// The catalog facts and agreements in force at the time of purchase, in one round trip.
@@ -81,15 +124,47 @@ async fn load_terms(
     .transpose()
 }
 
-/// Records the purchase of a paid session, in the caller's transaction. `purchased_at` is
-/// when Stripe says the payment happened, so a retry days later uses the agreements that
-/// were in force at the time of the payment.
-pub async fn complete(
+/// Applies a checkout-session event (paid, unpaid, payment failed) in the caller's
+/// transaction, following [`lifecycle::next`]. A new purchase gets the revenue split of the
+/// agreements in force at `at`, when Stripe says the payment happened, so a retry days later
+/// uses the terms of the moment of payment.
+pub async fn apply_session(
     conn: &mut PgConnection,
     request: &PurchaseRequest,
+    signal: Signal,
+    at: DateTime<Utc>,
+    event_id: &str,
+) -> Result<Change, ProcessError> {
+    // Twice at most: if another transaction records this payment between our look and our
+    // insert, the second round finds its row and applies this event to it.
+    for _ in 0..2 {
+        let existing = lock(
+            conn,
+            &request.payment_intent_id,
+            Some(&request.checkout_session_id),
+        )
+        .await?;
+        if let Some(purchase) = existing {
+            return transition(conn, purchase, signal, at).await;
+        }
+        let Some(target) = lifecycle::next(None, signal) else {
+            return Ok(Change::Unchanged);
+        };
+        if let Some(change) = create(conn, request, target, at, event_id).await? {
+            return Ok(change);
+        }
+    }
+    Err(ProcessError::Concurrent)
+}
+
+/// Inserts the purchase. `None` when another transaction recorded the same payment first.
+async fn create(
+    conn: &mut PgConnection,
+    request: &PurchaseRequest,
+    target: Status,
     purchased_at: DateTime<Utc>,
     event_id: &str,
-) -> Result<Completion, ProcessError> {
+) -> Result<Option<Change>, ProcessError> {
     let terms = load_terms(conn, request, purchased_at)
         .await?
         .ok_or(ProcessError::UnknownContent(request.content_id))?;
@@ -109,7 +184,7 @@ pub async fn complete(
     let organization_bps = terms.organization_bps.unwrap_or(0);
     let split = split::compute(request.amount_cents, platform_bps, organization_bps);
 
-    let insert = |status: &'static str| {
+    let insert = |status: Status| {
         sqlx::query_scalar::<_, Uuid>(
             "INSERT INTO purchases (
                 id, customer_id, content_id, organization_id, amount_paid_cents, currency, status,
@@ -127,7 +202,7 @@ pub async fn complete(
         .bind(request.organization_id)
         .bind(i32::try_from(request.amount_cents).unwrap_or(i32::MAX))
         .bind(&request.currency)
-        .bind(status)
+        .bind(status.as_str())
         .bind(&request.payment_intent_id)
         .bind(&request.checkout_session_id)
         .bind(cents(split.platform_fee_cents))
@@ -141,20 +216,192 @@ pub async fn complete(
         .bind(purchased_at)
     };
 
-    // Any unique index can refuse the row: the payment intent or session (this payment is
-    // already recorded) or one completed purchase per customer and content (a double
-    // payment). The first is a duplicate; the second is kept for a refund.
-    if let Some(purchase_id) = insert("completed").fetch_optional(&mut *conn).await? {
-        grant_access(conn, request, purchase_id).await?;
-        return Ok(Completion::Completed(purchase_id));
+    // Any unique index can refuse the row: the payment intent or session (another
+    // transaction recorded this payment first) or, for a completed purchase, one completed
+    // purchase per customer and content (a double payment, kept for a refund).
+    if let Some(id) = insert(target).fetch_optional(&mut *conn).await? {
+        sync_access(
+            conn,
+            id,
+            request.customer_id,
+            request.content_id,
+            lifecycle::grants_access(target, None),
+        )
+        .await?;
+        return Ok(Some(Change::Created { id, status: target }));
     }
-    if payment_recorded(conn, request).await? {
-        return Ok(Completion::AlreadyRecorded);
+    if target == Status::Completed
+        && !payment_recorded(conn, request).await?
+        && let Some(id) = insert(Status::RequiresRefund)
+            .fetch_optional(&mut *conn)
+            .await?
+    {
+        return Ok(Some(Change::Created {
+            id,
+            status: Status::RequiresRefund,
+        }));
     }
-    match insert("requires_refund").fetch_optional(&mut *conn).await? {
-        Some(purchase_id) => Ok(Completion::RequiresRefund(purchase_id)),
-        None => Ok(Completion::AlreadyRecorded),
+    Ok(None)
+}
+
+/// Moves an existing purchase as the lifecycle table says, or leaves it.
+async fn transition(
+    conn: &mut PgConnection,
+    purchase: Locked,
+    signal: Signal,
+    at: DateTime<Utc>,
+) -> Result<Change, ProcessError> {
+    let Some(mut to) = lifecycle::next(Some(purchase.status), signal) else {
+        return Ok(Change::Unchanged);
+    };
+    if to == Status::Completed && owns_elsewhere(conn, &purchase).await? {
+        to = Status::RequiresRefund;
     }
+    set_status(conn, purchase.id, to, at).await?;
+    let grants = lifecycle::grants_access(to, purchase.dispute_status.as_deref());
+    sync_access(
+        conn,
+        purchase.id,
+        purchase.customer_id,
+        purchase.content_id,
+        grants,
+    )
+    .await?;
+    Ok(Change::Moved {
+        id: purchase.id,
+        from: purchase.status,
+        to,
+    })
+}
+
+async fn set_status(
+    conn: &mut PgConnection,
+    id: Uuid,
+    to: Status,
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE purchases
+            SET status = $2,
+                refunded_at = CASE WHEN $2 = 'refunded' THEN COALESCE(refunded_at, $3) ELSE refunded_at END,
+                updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(to.as_str())
+    .bind(at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Whether the customer owns the content through another completed purchase.
+async fn owns_elsewhere(conn: &mut PgConnection, purchase: &Locked) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM purchases
+                         WHERE customer_id = $1 AND content_id = $2 AND status = 'completed' AND id <> $3)",
+    )
+    .bind(purchase.customer_id)
+    .bind(purchase.content_id)
+    .bind(purchase.id)
+    .fetch_one(conn)
+    .await
+}
+
+/// Applies a `charge.refunded`: the refunded amount (cumulative at Stripe, so the largest
+/// seen wins), and for a full refund the move to `refunded`, which takes access away.
+pub async fn apply_refund(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    amount_refunded: i64,
+    full: bool,
+    at: DateTime<Utc>,
+) -> Result<Change, ProcessError> {
+    let purchase =
+        lock(conn, payment_intent, None)
+            .await?
+            .ok_or_else(|| ProcessError::PurchaseNotYet {
+                payment_intent: payment_intent.to_owned(),
+                event: "refund",
+            })?;
+    let amount =
+        i32::try_from(amount_refunded.clamp(0, i64::from(purchase.amount_paid_cents))).unwrap_or(0);
+    let refunded = purchase.refunded_amount_cents.max(amount);
+    let to = if full {
+        lifecycle::next(Some(purchase.status), Signal::FullRefund)
+    } else {
+        None
+    };
+    if refunded == purchase.refunded_amount_cents && to.is_none() {
+        return Ok(Change::Unchanged);
+    }
+    sqlx::query(
+        "UPDATE purchases SET refunded_amount_cents = $2, updated_at = now() WHERE id = $1",
+    )
+    .bind(purchase.id)
+    .bind(refunded)
+    .execute(&mut *conn)
+    .await?;
+    let Some(to) = to else {
+        return Ok(Change::Updated { id: purchase.id });
+    };
+    set_status(conn, purchase.id, to, at).await?;
+    let grants = lifecycle::grants_access(to, purchase.dispute_status.as_deref());
+    sync_access(
+        conn,
+        purchase.id,
+        purchase.customer_id,
+        purchase.content_id,
+        grants,
+    )
+    .await?;
+    Ok(Change::Moved {
+        id: purchase.id,
+        from: purchase.status,
+        to,
+    })
+}
+
+/// Applies a `charge.dispute.*`: records Stripe's dispute status (closed statuses are final;
+/// among open ones the latest event wins); a lost dispute takes access away.
+pub async fn apply_dispute(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    dispute_status: &str,
+    at: DateTime<Utc>,
+) -> Result<Change, ProcessError> {
+    let purchase =
+        lock(conn, payment_intent, None)
+            .await?
+            .ok_or_else(|| ProcessError::PurchaseNotYet {
+                payment_intent: payment_intent.to_owned(),
+                event: "dispute",
+            })?;
+    let stored = purchase
+        .dispute_status
+        .as_deref()
+        .zip(purchase.dispute_updated_at);
+    if purchase.dispute_status.as_deref() == Some(dispute_status)
+        || !lifecycle::dispute_replaces(stored, dispute_status, at)
+    {
+        return Ok(Change::Unchanged);
+    }
+    sqlx::query("UPDATE purchases SET dispute_status = $2, dispute_updated_at = $3, updated_at = now() WHERE id = $1")
+        .bind(purchase.id)
+        .bind(dispute_status)
+        .bind(at)
+        .execute(&mut *conn)
+        .await?;
+    let grants = lifecycle::grants_access(purchase.status, Some(dispute_status));
+    sync_access(
+        conn,
+        purchase.id,
+        purchase.customer_id,
+        purchase.content_id,
+        grants,
+    )
+    .await?;
+    Ok(Change::Updated { id: purchase.id })
 }
 
 fn cents(value: i64) -> i32 {
@@ -176,24 +423,35 @@ async fn payment_recorded(
     .await
 }
 
-/// Grants access, or re-grants it when an earlier grant was revoked.
-async fn grant_access(
+/// Makes the customer's access match what this purchase grants. Granting re-activates a
+/// revoked grant; revoking touches only a grant that came from this purchase, so a refunded
+/// double payment never takes away the access the customer paid for once.
+async fn sync_access(
     conn: &mut PgConnection,
-    request: &PurchaseRequest,
     purchase_id: Uuid,
+    customer_id: Uuid,
+    content_id: Uuid,
+    grant: bool,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
-         VALUES ($1, $2, $3, $4, 'purchase')
-         ON CONFLICT (user_id, content_id) DO UPDATE
-            SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
-          WHERE content_access.revoked_at IS NOT NULL",
-    )
-    .bind(Uuid::new_v4())
-    .bind(request.customer_id)
-    .bind(request.content_id)
-    .bind(purchase_id)
-    .execute(conn)
-    .await
-    .map(|_| ())
+    if grant {
+        sqlx::query(
+            "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
+             VALUES ($1, $2, $3, $4, 'purchase')
+             ON CONFLICT (user_id, content_id) DO UPDATE
+                SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
+              WHERE content_access.revoked_at IS NOT NULL",
+        )
+        .bind(Uuid::new_v4())
+        .bind(customer_id)
+        .bind(content_id)
+        .bind(purchase_id)
+        .execute(conn)
+        .await?;
+    } else {
+        sqlx::query("UPDATE content_access SET revoked_at = now() WHERE purchase_id = $1 AND revoked_at IS NULL")
+            .bind(purchase_id)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }

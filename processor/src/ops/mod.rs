@@ -1,6 +1,7 @@
 //! The operator commands (`processor dlq …`, `processor events …`, `processor watch`).
 //! Their answer goes to stdout; logs go to stderr.
 
+pub mod access;
 pub mod dead_letters;
 pub mod event_log;
 pub mod watch;

@@ -4,6 +4,7 @@
 mod crash;
 mod end_to_end;
 mod helpers;
+mod lifecycle;
 mod ops;
 mod purchases;
 mod worker;

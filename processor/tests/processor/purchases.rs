@@ -268,12 +268,11 @@ async fn split_of_existing(
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn unknown_types_and_unpaid_sessions_are_ignored(pool: PgPool) {
+async fn unhandled_types_and_expired_sessions_are_ignored(pool: PgPool) {
     seed_catalog(&pool).await;
     for file in [
         "payment_intent.succeeded.json",
-        "checkout.session.completed.unpaid.json",
-        "charge.dispute.created.json",
+        "checkout.session.expired.json",
     ] {
         let body = std::fs::read(format!("{FIXTURES}/events/{file}")).unwrap();
         let msg = message(body);
