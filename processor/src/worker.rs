@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
@@ -67,6 +67,8 @@ pub enum TestHook {
     CrashOnEvent(String),
     /// `crash-after-dead-letter`: die after a dead letter is confirmed, before the ack.
     CrashAfterDeadLetter,
+    /// `panic-on-event:<event id>`: the handler panics whenever this event is handled.
+    PanicOnEvent(String),
 }
 
 impl std::str::FromStr for TestHook {
@@ -75,6 +77,7 @@ impl std::str::FromStr for TestHook {
     fn from_str(raw: &str) -> Result<Self, Self::Err> {
         match raw.split_once(':') {
             Some(("crash-on-event", id)) if !id.is_empty() => Ok(Self::CrashOnEvent(id.to_owned())),
+            Some(("panic-on-event", id)) if !id.is_empty() => Ok(Self::PanicOnEvent(id.to_owned())),
             None if raw == "crash-after-dead-letter" => Ok(Self::CrashAfterDeadLetter),
             _ => Err(format!("PROCESSOR_TEST_HOOK: unknown hook `{raw}`")),
         }
@@ -304,6 +307,23 @@ async fn handle_delivery(
     delivery: Delivery,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    // A panic is a crash of this one message: give it back to the broker, which counts the
+    // delivery and dead-letters it at the delivery limit, instead of holding it unacked.
+    let work = std::panic::AssertUnwindSafe(settle(&context, &delivery));
+    if futures_util::FutureExt::catch_unwind(work).await.is_err() {
+        tracing::error!(
+            event_id = ?delivery.properties.message_id(),
+            "handler panicked; returning the message to the queue"
+        );
+        metrics::counter!("processor_messages_total", "outcome" => "panicked").increment(1);
+        let options = BasicRejectOptions { requeue: true };
+        if let Err(error) = delivery.acker.reject(options).await {
+            tracing::warn!(%error, "could not reject; the message will be redelivered");
+        }
+    }
+}
+
+async fn settle(context: &Context, delivery: &Delivery) {
     let message = match EventMessage::from_delivery(
         delivery.routing_key.as_str(),
         &delivery.properties,
@@ -335,6 +355,11 @@ async fn handle_delivery(
             && *id == message.event_id
         {
             crash("crash-on-event");
+        }
+        if let Some(TestHook::PanicOnEvent(id)) = &context.settings.test_hook
+            && *id == message.event_id
+        {
+            panic!("test hook: panic-on-event");
         }
         if delivery.redelivered && already_dead_lettered(&context.pool, &delivery, &message).await {
             // We died after moving it to the dead-letter queue but before the ack: the copy

@@ -193,3 +193,43 @@ async fn shutdown_loses_nothing(pool: PgPool) {
     })
     .await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_panicking_handler_is_dead_lettered_at_the_delivery_limit(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let mut settings = settings(&test_prefix(), vec![ms(200)], 3);
+    settings.delivery_limit = 3;
+    settings.test_hook = Some(processor::worker::TestHook::PanicOnEvent(
+        "evt_panic".into(),
+    ));
+    let worker = start_worker(pool.clone(), settings).await;
+    worker
+        .publish(&message(paid_session_body("evt_panic", "pi_panic", 1999)))
+        .await;
+    // Other events keep flowing meanwhile.
+    let other = Uuid::new_v4();
+    insert_content(&pool, other).await;
+    let fine = edit(&paid_session_body("evt_fine", "pi_fine", 1999), |e| {
+        e["data"]["object"]["metadata"]["contentId"] = other.to_string().into();
+    });
+    worker.publish(&message(fine)).await;
+
+    wait_for("the dead letter", || async {
+        worker.depth(&worker.topology.dead_queue).await == 1
+    })
+    .await;
+    let dead = worker.take_dead().await;
+    let letter = processor::dlq::DeadLetter::from_delivery(&dead[0].delivery);
+    assert_eq!(letter.event_id, "evt_panic");
+    assert_eq!(letter.class, "crash", "{letter:?}");
+    assert_eq!(worker.depth(&worker.topology.work_queue).await, 0);
+    wait_for("the other purchase", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM purchases WHERE stripe_payment_intent_id = 'pi_fine'",
+        )
+        .await
+            == 1
+    })
+    .await;
+}
