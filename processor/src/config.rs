@@ -55,15 +55,26 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// Deliveries RabbitMQ sends ahead of acknowledgements (basic.qos prefetch).
-    #[arg(long, env = "PROCESSOR_PREFETCH", default_value_t = 64,
+    /// Deliveries RabbitMQ sends ahead of acknowledgements (basic.qos prefetch). Keep it at
+    /// least PROCESSOR_BATCH_SIZE × PROCESSOR_CONCURRENCY for full batches.
+    #[arg(long, env = "PROCESSOR_PREFETCH", default_value_t = 256,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
-    /// Messages handled at the same time.
-    #[arg(long, env = "PROCESSOR_CONCURRENCY", default_value_t = 8,
+    /// Batches handled at the same time (each holds one database connection).
+    #[arg(long, env = "PROCESSOR_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
+
+    /// Most events committed in one transaction (each under its own savepoint).
+    #[arg(long, env = "PROCESSOR_BATCH_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
+
+    /// Longest time the first event of a batch waits for others to join it.
+    #[arg(long, env = "PROCESSOR_BATCH_WAIT", default_value = "5ms",
+          value_parser = shared::config::parse_duration)]
+    pub batch_wait: Duration,
 
     /// Deliveries of one message after which RabbitMQ dead-letters it (a message that keeps
     /// crashing the processor). Part of the work queue's arguments: changing it for an

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use shared::contract::EventMessage;
 use shared::envelope::EventEnvelope;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::checkout::{CheckoutSession, PurchaseRequest};
@@ -202,9 +202,21 @@ fn created_at(envelope: &EventEnvelope) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
-/// Handles one event. Safe to call any number of times for the same event, also
-/// concurrently: the effect happens once.
+/// Handles one event in its own transaction. Safe to call any number of times for the same
+/// event, also concurrently: the effect happens once.
 pub async fn handle(pool: &PgPool, message: &EventMessage) -> Result<Outcome, ProcessError> {
+    let mut tx = pool.begin().await?;
+    let outcome = handle_in(&mut tx, message).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Handles one event inside the caller's transaction (the worker runs several events in one
+/// transaction, each under a savepoint). Nothing is final until the caller commits.
+pub async fn handle_in(
+    conn: &mut PgConnection,
+    message: &EventMessage,
+) -> Result<Outcome, ProcessError> {
     let envelope = EventEnvelope::parse(&message.body)?;
     if envelope.id != message.event_id {
         return Err(ProcessError::IdMismatch {
@@ -216,17 +228,15 @@ pub async fn handle(pool: &PgPool, message: &EventMessage) -> Result<Outcome, Pr
     let at = created_at(&envelope);
     let payload = events::payload_json(&message.body);
 
-    let mut tx = pool.begin().await?;
-    let prior = events::claim(&mut tx, message, envelope.livemode, &payload).await?;
+    let prior = events::claim(conn, message, envelope.livemode, &payload).await?;
     if EventStatus::is_done(&prior) {
-        tx.commit().await?;
         return Ok(Outcome::Duplicate);
     }
     let outcome = match &plan {
         Plan::Ignore(reason) => Outcome::Ignored(reason),
         Plan::Session { request, signal } => {
             let change =
-                purchases::apply_session(&mut tx, request, *signal, at, &message.event_id).await?;
+                purchases::apply_session(conn, request, *signal, at, &message.event_id).await?;
             let outcome = Outcome::of(change);
             if let Outcome::RequiresRefund(id) = outcome {
                 tracing::warn!(
@@ -244,14 +254,13 @@ pub async fn handle(pool: &PgPool, message: &EventMessage) -> Result<Outcome, Pr
             amount_refunded,
             full,
         } => Outcome::of(
-            purchases::apply_refund(&mut tx, payment_intent, *amount_refunded, *full, at).await?,
+            purchases::apply_refund(conn, payment_intent, *amount_refunded, *full, at).await?,
         ),
         Plan::Dispute {
             payment_intent,
             status,
-        } => Outcome::of(purchases::apply_dispute(&mut tx, payment_intent, status, at).await?),
+        } => Outcome::of(purchases::apply_dispute(conn, payment_intent, status, at).await?),
     };
-    events::finish(&mut tx, &message.event_id, outcome.event_status()).await?;
-    tx.commit().await?;
+    events::finish(conn, &message.event_id, outcome.event_status()).await?;
     Ok(outcome)
 }

@@ -9,7 +9,7 @@ use processor::config::{
     AccessCommand, Cli, Command, DatabaseArgs, DlqCommand, EventsCommand, WorkerArgs,
 };
 use processor::ops::{access, dead_letters, event_log, watch};
-use processor::worker::{Worker, WorkerSettings};
+use processor::worker::{BatchLimits, Worker, WorkerSettings};
 use processor::{db, http};
 use tokio_util::sync::CancellationToken;
 
@@ -99,6 +99,10 @@ async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitC
         max_attempts: worker.max_attempts(),
         shutdown_timeout: worker.shutdown_timeout,
         test_hook: worker.test_hook.clone(),
+        batch: BatchLimits {
+            size: usize::from(worker.batch_size),
+            wait: worker.batch_wait,
+        },
     };
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();

@@ -121,6 +121,10 @@ pub fn settings(prefix: &str, retry_delays: Vec<Duration>, max_attempts: u32) ->
         max_attempts,
         shutdown_timeout: Duration::from_secs(10),
         test_hook: None,
+        batch: processor::worker::BatchLimits {
+            size: 16,
+            wait: Duration::from_millis(5),
+        },
     }
 }
 

@@ -233,3 +233,78 @@ async fn a_panicking_handler_is_dead_lettered_at_the_delivery_limit(pool: PgPool
     })
     .await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_commits_together_and_bad_events_fail_alone(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let mut settings = settings(&test_prefix(), vec![ms(200)], 3);
+    // One consumer batch of up to 32, waiting long enough to fill it.
+    settings.concurrency = 1;
+    settings.batch = processor::worker::BatchLimits {
+        size: 32,
+        wait: ms(300),
+    };
+    let worker = start_worker(pool.clone(), settings).await;
+    let mut good = 0;
+    for i in 0..24 {
+        let content = if i % 4 == 3 {
+            Uuid::new_v4() // not in the catalog: a permanent failure
+        } else {
+            let c = Uuid::new_v4();
+            insert_content(&pool, c).await;
+            good += 1;
+            c
+        };
+        let body = edit(
+            &paid_session_body(&format!("evt_b{i}"), &format!("pi_b{i}"), 1999),
+            |e| {
+                e["data"]["object"]["metadata"]["contentId"] = content.to_string().into();
+            },
+        );
+        let msg = message(body);
+        worker.publish(&msg).await;
+        if i == 5 {
+            worker.publish(&msg).await; // a duplicate inside the batch
+        }
+    }
+    wait_for("six dead letters", || async {
+        worker.depth(&worker.topology.dead_queue).await == 6
+    })
+    .await;
+    wait_for("the good purchases", || async {
+        count(&pool, "SELECT count(*) FROM purchases").await == good
+    })
+    .await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status = 'processed'"
+        )
+        .await,
+        good
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status = 'dead'"
+        )
+        .await,
+        6
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT attempts::bigint FROM stripe_events WHERE id = 'evt_b5'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(worker.depth(&worker.topology.work_queue).await, 0);
+    for delay in &worker.settings.retry_delays {
+        assert_eq!(
+            worker.depth(&worker.topology.retry_queue(*delay)).await,
+            0,
+            "nothing was retried"
+        );
+    }
+}
