@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "INGEST_CONFIRM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub confirm_timeout: Duration,
 
+    /// How long a client may take to send its request headers before the connection is
+    /// closed (slow clients cannot hold connections open).
+    #[arg(long, env = "INGEST_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// How long a client may take to send its request body before getting 408.
     #[arg(long, env = "INGEST_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,

@@ -5,7 +5,7 @@
 //! publisher confirm. When the broker cannot take the event it answers 503, so Stripe
 //! retries: a 200 always means the event is durably queued. It never touches the database.
 //!
-//! - [`config`]: settings; [`startup`]: building and serving the app;
+//! - [`config`]: settings; [`startup`]: building the app; [`serve`]: the server loop;
 //! - [`routes`]: the handlers; [`error`]: every error answer;
 //! - [`publisher`]: confirmed publishing and reconnection; [`rate_limit`]: per-IP limit.
 
@@ -14,4 +14,5 @@ pub mod error;
 pub mod publisher;
 pub mod rate_limit;
 pub mod routes;
+pub mod serve;
 pub mod startup;

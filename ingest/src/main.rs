@@ -14,6 +14,6 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("ingest cannot start")?;
     tracing::info!(addr = %app.local_addr()?, "listening");
-    app.run_until(shared::shutdown::signal()).await?;
+    app.run_until(shared::shutdown::signal()).await;
     Ok(())
 }

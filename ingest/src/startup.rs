@@ -17,7 +17,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::{Config, ConfigError};
 use crate::publisher::{Publisher, PublisherSettings};
 use crate::rate_limit::{self, IpRateLimit};
-use crate::routes;
+use crate::{routes, serve};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -34,6 +34,7 @@ pub struct Application {
     router: Router,
     publisher: Publisher,
     shutdown_timeout: Duration,
+    header_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,7 @@ impl Application {
             router,
             publisher,
             shutdown_timeout: config.shutdown_timeout,
+            header_timeout: config.header_timeout,
         })
     }
 
@@ -89,36 +91,25 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
     /// finish (each is either confirmed or answered 503), and closes the broker connection.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             let _ = stopping_tx.send(());
         };
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(signal);
-        let server = std::pin::pin!(server.into_future());
+        let server = serve::serve(self.listener, self.router, self.header_timeout, signal);
         let timeout = self.shutdown_timeout;
-        let result = tokio::select! {
-            result = server => result,
+        tokio::select! {
+            () = server => {}
             () = async {
                 let _ = stopping_rx.await;
                 tokio::time::sleep(timeout).await;
             } => {
                 tracing::warn!(?timeout, "in-flight requests did not finish in time; exiting");
-                Ok(())
             }
-        };
+        }
         self.publisher.close().await;
         tracing::info!("ingest stopped");
-        result
     }
 }
 

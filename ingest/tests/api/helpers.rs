@@ -43,7 +43,7 @@ pub struct TestApp {
     pub channel: Channel,
     _connection: Connection,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub struct Options {
@@ -184,7 +184,7 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
-            server.await.unwrap().unwrap();
+            server.await.unwrap();
         }
     }
 }

@@ -2,5 +2,6 @@
 //! prefix), removed when the test ends.
 
 mod helpers;
+mod hostile;
 mod publishing;
 mod requests;

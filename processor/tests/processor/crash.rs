@@ -216,3 +216,54 @@ async fn the_binary_serves_probes_and_metrics_and_stops_on_sigterm(pool: PgPool)
     assert!(status.success(), "{status}");
     assert_eq!(broker.depth(&broker.topology.work_queue).await, 0);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn no_secret_reaches_the_processor_logs(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let prefix = test_prefix();
+    let broker = open_broker(settings(&prefix, vec![Duration::from_millis(200)], 3)).await;
+    // Trust authentication ignores the password, so it can be anything here.
+    let password = "db-password-never-logged";
+    let url = database_url(&pool).replace("postgres@", &format!("postgres:{password}@"));
+    let mut command = processor(&pool, &prefix);
+    command
+        .args(["run"])
+        .env("DATABASE_URL", &url)
+        .env("PROCESSOR_RETRY_DELAYS", "200ms")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    broker
+        .publish(&message(paid_session_body("evt_log1", "pi_log1", 1999)))
+        .await;
+    let poison = edit(&paid_session_body("evt_log2", "pi_log2", 1999), |e| {
+        e["data"]["object"]["metadata"]["contentId"] = Uuid::new_v4().to_string().into();
+    });
+    broker.publish(&message(poison)).await;
+    wait_for("both events", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status IN ('processed', 'dead')",
+        )
+        .await
+            == 2
+    })
+    .await;
+    terminate(&mut child).await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("postgres:***@"),
+        "the effective configuration is logged, masked"
+    );
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+        assert!(!line.contains(password), "database password in: {line}");
+        assert!(!line.contains(":guest@"), "broker password in: {line}");
+    }
+}
