@@ -3,38 +3,51 @@
 #   docker build -t stripe-purchases .
 #   docker run --rm stripe-purchases ingest --help
 #   docker run --rm stripe-purchases processor --help
+# docker-compose.yml builds it as stripe-purchases:latest. CI (.ci/run) builds the same
+# binaries with `cargo build --release --locked -p ingest -p processor`, and
+# scripts/check-compose.sh checks RUST_VERSION against the workspace's rust-version.
+
+# The toolchain CI uses; at least Cargo.toml's workspace rust-version.
+ARG RUST_VERSION=1.95
+# Builder and runtime share the Debian release, so the binaries find the glibc they were
+# linked against.
+ARG DEBIAN_RELEASE=trixie
+
+# ---- skeleton: the manifests, and a stub for every source file -----------------------------
+# Every workspace member is included (a new member needs no change here), and every target
+# file cargo may look for exists. The result changes only when a manifest, Cargo.lock,
+# .cargo/ or the set of .rs files changes, so the dependency layer below stays cached across
+# source edits (BuildKit caches COPY --from by content).
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS skeleton
+WORKDIR /src
+COPY . .
+RUN find . -type f ! -name Cargo.toml ! -name Cargo.lock ! -name '*.rs' \
+      ! -path './.cargo/*' ! -name 'rust-toolchain*' -delete \
+ && find . -type f -name '*.rs' -exec sh -c 'for f in "$@"; do echo "fn main() { }" > "$f"; done' sh {} + \
+ && find . -depth -type d -empty -delete
 
 # ---- build ---------------------------------------------------------------------------------
-FROM rust:1-bookworm AS builder
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 WORKDIR /src
+# Only sqlx::migrate! is used, which embeds migrations/ at compile time without a database.
+# Offline mode makes sure no macro ever tries to reach one during the build.
+ENV SQLX_OFFLINE=true
 
-# 1. Dependencies only: the manifests and dummy sources, so this layer is rebuilt only when
-#    Cargo.toml or Cargo.lock change.
-COPY Cargo.toml Cargo.lock ./
-COPY shared/Cargo.toml shared/Cargo.toml
-COPY ingest/Cargo.toml ingest/Cargo.toml
-COPY processor/Cargo.toml processor/Cargo.toml
-RUN mkdir -p shared/src ingest/src processor/src \
- && touch shared/src/lib.rs ingest/src/lib.rs processor/src/lib.rs \
- && echo 'fn main() {}' > ingest/src/main.rs \
- && echo 'fn main() {}' > processor/src/main.rs \
- && cargo build --release --locked -p ingest -p processor \
- && rm -rf shared/src ingest/src processor/src
+# 1. The dependencies alone, built against the stubs.
+COPY --from=skeleton /src ./
+RUN cargo build --release --locked -p ingest -p processor
 
-# 2. The real sources. migrations/ must be there before the build: the processor embeds it
-#    at compile time (sqlx::migrate!("../migrations")).
-COPY migrations migrations
-COPY shared/src shared/src
-COPY ingest/src ingest/src
-COPY processor/src processor/src
-# COPY keeps the files' old mtimes; make them newer than the dummy build so cargo rebuilds.
-RUN find shared/src ingest/src processor/src -type f -exec touch {} + \
+# 2. The real sources (migrations/ included: the processor embeds it at compile time).
+COPY . .
+# COPY keeps the files' old mtimes; make them newer than the stub build so cargo rebuilds
+# the workspace crates (the dependencies stay as built).
+RUN find . -name '*.rs' -not -path './target/*' -exec touch {} + \
  && cargo build --release --locked -p ingest -p processor \
  && cp target/release/ingest target/release/processor /usr/local/bin/
 
 # ---- runtime -------------------------------------------------------------------------------
-FROM debian:bookworm-slim
-# ca-certificates for amqps:// and TLS to PostgreSQL; curl for the compose health check.
+FROM debian:${DEBIAN_RELEASE}-slim
+# ca-certificates for amqps:// and TLS to PostgreSQL; curl for the Compose health checks.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
@@ -42,5 +55,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
 COPY --from=builder /usr/local/bin/ingest /usr/local/bin/processor /usr/local/bin/
 USER 10001:10001
-EXPOSE 8080
+# ingest's HTTP server; the processor's /metrics, /healthz, /readyz.
+EXPOSE 8080 9090
+# Both binaries stop gracefully on SIGTERM (what `docker stop` sends).
 CMD ["ingest"]

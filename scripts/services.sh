@@ -23,6 +23,7 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 if ! port_open 5432; then
   echo "starting PostgreSQL" >&2
+  # shellcheck disable=SC2012 # version directory names are plain numbers
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
 fi
 if ! port_open 5672; then
