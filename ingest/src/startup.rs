@@ -12,7 +12,8 @@ use axum::routing::{get, post};
 use shared::signature::WebhookSecret;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::config::{Config, ConfigError};
 use crate::publisher::{Publisher, PublisherSettings};
@@ -137,6 +138,8 @@ pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
         .fallback(routes::not_found)
         .with_state(state)
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http())
+        // Answers are logged by the handlers with their reasons; a 5xx here (a 503 from
+        // /readyz while the broker is down) is worth a warning, not an error.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
