@@ -15,6 +15,7 @@
 #    docker-compose.yml reads; the defaults in both files are the binaries' own.
 # 4. README.md's configuration tables have a row for every one of those variables.
 # 5. The Dockerfile's RUST_VERSION is at least the workspace's rust-version.
+# 6. The `cluster` profile validates and has its three extra services.
 #
 # Uses `docker compose` (v2) when there is one, else Debian's `docker-compose` (v1), which it
 # installs with apt-get when missing (as root).
@@ -293,5 +294,13 @@ for message in errors:
     print(f"check-compose: {message}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 PY
+
+# The `cluster` profile (three broker nodes) validates too.
+run_compose "$tmp/empty.env" --profile cluster config -q \
+    || die "docker-compose.yml does not validate with --profile cluster"
+for node in rabbitmq-2 rabbitmq-3 rabbitmq-replicas; do
+    run_compose "$tmp/empty.env" --profile cluster config --services | grep -qx "$node" \
+        || die "the cluster profile has no $node service"
+done
 
 echo "check-compose: docker-compose.yml, .env.example and Dockerfile OK (${compose[*]})"
