@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, Event};
@@ -217,14 +216,7 @@ async fn connect(settings: &PublisherSettings, start_node: usize) -> Result<Live
 }
 
 async fn supervise(shared: Arc<Shared>) {
-    let delays = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
+    let delays = || shared::broker::reconnect_delays(Duration::from_secs(5));
     let mut backoff = delays();
     let mut node = 0;
     loop {

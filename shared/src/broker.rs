@@ -127,6 +127,18 @@ mod tests {
     }
 }
 
+/// Delays between reconnection attempts: from 200 ms, doubling with jitter up to `max`,
+/// for as long as it takes.
+pub fn reconnect_delays(max: std::time::Duration) -> impl Iterator<Item = std::time::Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Why a confirmed publish did not go through.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfirmError {

@@ -257,6 +257,16 @@ async fn transition(
     if to == Status::Completed && owns_elsewhere(conn, &purchase).await? {
         to = Status::RequiresRefund;
     }
+    move_to(conn, &purchase, to, at).await
+}
+
+/// Sets a new status and the access that goes with it.
+async fn move_to(
+    conn: &mut PgConnection,
+    purchase: &Locked,
+    to: Status,
+    at: DateTime<Utc>,
+) -> Result<Change, ProcessError> {
     set_status(conn, purchase.id, to, at).await?;
     let grants = lifecycle::grants_access(to, purchase.dispute_status.as_deref());
     sync_access(
@@ -345,21 +355,7 @@ pub async fn apply_refund(
     let Some(to) = to else {
         return Ok(Change::Updated { id: purchase.id });
     };
-    set_status(conn, purchase.id, to, at).await?;
-    let grants = lifecycle::grants_access(to, purchase.dispute_status.as_deref());
-    sync_access(
-        conn,
-        purchase.id,
-        purchase.customer_id,
-        purchase.content_id,
-        grants,
-    )
-    .await?;
-    Ok(Change::Moved {
-        id: purchase.id,
-        from: purchase.status,
-        to,
-    })
+    move_to(conn, &purchase, to, at).await
 }
 
 /// Applies a `charge.dispute.*`: records Stripe's dispute status (closed statuses are final;

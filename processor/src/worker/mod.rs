@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -114,14 +113,7 @@ impl Worker {
     /// Consumes until `shutdown` is cancelled, reconnecting (next cluster node first) with
     /// growing delays whenever the broker connection is lost.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let delays = || {
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(10))
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
+        let delays = || shared::broker::reconnect_delays(Duration::from_secs(10));
         let mut backoff = delays();
         let mut node = 0;
         loop {
