@@ -46,6 +46,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=64 * 1024 * 1024))]
     pub max_body_bytes: u64,
 
+    /// Webhook requests handled at once; beyond it ingest answers 503 at once (Stripe
+    /// retries) instead of queueing, so an overload cannot grow memory without bound.
+    #[arg(long, env = "INGEST_MAX_IN_FLIGHT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+
     /// Webhook requests per minute allowed from one source IP; 0 turns the limit off.
     #[arg(long, env = "INGEST_RATE_LIMIT_PER_MINUTE", default_value_t = 1000)]
     pub rate_limit_per_minute: u32,

@@ -1,4 +1,5 @@
-//! Per-source-IP rate limit on the webhook route (governor's keyed GCRA limiter).
+//! Admission control on the webhook route: a per-source-IP rate limit (governor's keyed
+//! GCRA limiter) and a cap on requests in flight.
 //!
 //! The key is the TCP peer address. Behind a reverse proxy every request shares the proxy's
 //! address: raise the limit or turn it off (0) there, since forwarded headers can be forged.
@@ -66,5 +67,35 @@ pub async fn enforce(State(limit): State<IpRateLimit>, request: Request, next: N
             .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
         return response;
     }
+    next.run(request).await
+}
+
+/// A cap on webhook requests in flight. A request over the cap is answered 503 with
+/// `Retry-After` at once: Stripe retries, and ingest's memory stays bounded under a burst.
+#[derive(Clone)]
+pub struct InFlightLimit {
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl InFlightLimit {
+    pub fn new(max: u32) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+        }
+    }
+}
+
+pub async fn shed(State(limit): State<InFlightLimit>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = limit.permits.try_acquire() else {
+        metrics::counter!("ingest_shed_total").increment(1);
+        let mut response = json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight, retry later",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+        return response;
+    };
     next.run(request).await
 }

@@ -17,7 +17,7 @@ use tracing::Level;
 
 use crate::config::{Config, ConfigError};
 use crate::publisher::{Publisher, PublisherSettings};
-use crate::rate_limit::{self, IpRateLimit};
+use crate::rate_limit::{self, InFlightLimit, IpRateLimit};
 use crate::{routes, serve};
 
 #[derive(Clone)]
@@ -76,7 +76,11 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
         };
-        let router = router(state, IpRateLimit::per_minute(config.rate_limit_per_minute));
+        let router = router(
+            state,
+            IpRateLimit::per_minute(config.rate_limit_per_minute),
+            InFlightLimit::new(config.max_in_flight),
+        );
         Ok(Self {
             listener,
             router,
@@ -114,7 +118,11 @@ impl Application {
     }
 }
 
-pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
+pub fn router(
+    state: AppState,
+    rate_limit: Option<IpRateLimit>,
+    in_flight: InFlightLimit,
+) -> Router {
     // The body is read by the handler itself under its own size and time limits.
     let mut webhook = Router::new()
         .route(
@@ -122,13 +130,18 @@ pub fn router(state: AppState, rate_limit: Option<IpRateLimit>) -> Router {
             post(routes::receive).fallback(routes::method_not_allowed),
         )
         .layer(DefaultBodyLimit::disable());
+    // Layers added later run first: the count, then the rate limit (a flood from one address
+    // is refused before it takes a slot), then the cap on requests in flight.
+    webhook = webhook.route_layer(axum::middleware::from_fn_with_state(
+        in_flight,
+        rate_limit::shed,
+    ));
     if let Some(limit) = rate_limit {
         webhook = webhook.route_layer(axum::middleware::from_fn_with_state(
             limit,
             rate_limit::enforce,
         ));
     }
-    // Outermost on the route, so that 429s are counted too.
     webhook = webhook.route_layer(axum::middleware::from_fn(routes::count_request));
     Router::new()
         .route("/healthz", get(routes::healthz))

@@ -549,3 +549,36 @@ async fn no_secret_ever_reaches_the_logs() {
         }
     }
 }
+
+#[tokio::test]
+async fn requests_over_the_in_flight_cap_are_shed_with_503() {
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--max-in-flight=1".into(), "--body-timeout=3s".into()],
+        ..Options::default()
+    })
+    .await;
+    // One request holds the only slot while its body trickles in.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let held = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(b"POST /webhooks/stripe/booking HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        drop(stream);
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = event("a.b");
+    let response = app.post_signed(body.clone()).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(
+        error_of(response)
+            .await
+            .contains("too many requests in flight")
+    );
+    held.join().unwrap();
+    // The slot is free again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.post_signed(body).await.status(), 200);
+}
