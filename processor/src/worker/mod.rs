@@ -82,7 +82,9 @@ impl WorkerSettings {
 struct Context {
     pool: PgPool,
     settings: WorkerSettings,
-    publish: Channel,
+    /// Confirm-mode channel for retry and dead-letter copies; replaced when it misbehaves.
+    publish: std::sync::Mutex<Channel>,
+    connection: Arc<Connection>,
 }
 
 enum SessionEnd {
@@ -142,6 +144,7 @@ impl Worker {
     ) -> Result<SessionEnd, BrokerError> {
         let settings = &self.settings;
         let (connection, index) = settings.urls.connect(*node, "processor").await?;
+        let connection = Arc::new(connection);
         *node = index;
         let setup = |what| move |source| BrokerError::Setup { what, source };
         let consume = connection
@@ -184,7 +187,8 @@ impl Worker {
         let context = Arc::new(Context {
             pool: self.pool.clone(),
             settings: settings.clone(),
-            publish,
+            publish: std::sync::Mutex::new(publish),
+            connection: Arc::clone(&connection),
         });
         let permits = Arc::new(Semaphore::new(settings.concurrency));
         let mut tasks = JoinSet::new();

@@ -154,14 +154,8 @@ async fn settle_by_moving(
         Move::Retry(..) => "retried",
         Move::DeadLetter(_) => "dead_lettered",
     };
-    let published = publish_confirmed(
-        &context.publish,
-        &exchange,
-        &routing_key,
-        &delivery.data,
-        properties,
-    )
-    .await;
+    let published =
+        publish_with_retries(context, &exchange, &routing_key, &delivery.data, properties).await;
     match published {
         Ok(()) => {
             record.await;
@@ -176,6 +170,61 @@ async fn settle_by_moving(
             metrics::counter!("processor_messages_total", "outcome" => "requeued").increment(1);
             tracing::error!(%error, target = routing_key, "could not move the message; returning it to the queue");
             nack_requeue(delivery).await;
+        }
+    }
+}
+
+/// Publishes a copy with a confirm, retrying a few times on a fresh channel: after a quorum
+/// leader election RabbitMQ 3.10 can nack every publish on a channel until it is replaced,
+/// and returning the original to the queue at once would only spin it toward the delivery
+/// limit. Bounded: a few hundred milliseconds in all, never minutes while holding a message.
+async fn publish_with_retries(
+    context: &Context,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> Result<(), shared::broker::ConfirmError> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        let channel = context
+            .publish
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let result = match tokio::time::timeout(
+            Duration::from_secs(5),
+            publish_confirmed(&channel, exchange, routing_key, body, properties.clone()),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(shared::broker::ConfirmError::NotConfirmed),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if !error.channel_suspect() || attempt >= 3 => return Err(error),
+            Err(error) => {
+                attempt += 1;
+                tracing::warn!(%error, attempt, "copy not confirmed; retrying on a fresh channel");
+                if let Ok(fresh) = context.connection.create_channel().await
+                    && fresh
+                        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                        .await
+                        .is_ok()
+                {
+                    let mut current = context
+                        .publish
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if current.id() == channel.id() {
+                        *current = fresh;
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
         }
     }
 }
