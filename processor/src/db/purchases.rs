@@ -318,6 +318,21 @@ async fn owns_elsewhere(conn: &mut PgConnection, purchase: &Locked) -> Result<bo
     .await
 }
 
+/// The purchase a refund or dispute is about. Its absence is transient: events come in any
+/// order, and the purchase may still arrive.
+async fn lock_required(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    event: &'static str,
+) -> Result<Locked, ProcessError> {
+    lock(conn, payment_intent, None)
+        .await?
+        .ok_or_else(|| ProcessError::PurchaseNotYet {
+            payment_intent: payment_intent.to_owned(),
+            event,
+        })
+}
+
 /// Applies a `charge.refunded`: the refunded amount (cumulative at Stripe, so the largest
 /// seen wins), and for a full refund the move to `refunded`, which takes access away.
 pub async fn apply_refund(
@@ -327,13 +342,7 @@ pub async fn apply_refund(
     full: bool,
     at: DateTime<Utc>,
 ) -> Result<Change, ProcessError> {
-    let purchase =
-        lock(conn, payment_intent, None)
-            .await?
-            .ok_or_else(|| ProcessError::PurchaseNotYet {
-                payment_intent: payment_intent.to_owned(),
-                event: "refund",
-            })?;
+    let purchase = lock_required(conn, payment_intent, "refund").await?;
     let amount =
         i32::try_from(amount_refunded.clamp(0, i64::from(purchase.amount_paid_cents))).unwrap_or(0);
     let refunded = purchase.refunded_amount_cents.max(amount);
@@ -366,13 +375,7 @@ pub async fn apply_dispute(
     dispute_status: &str,
     at: DateTime<Utc>,
 ) -> Result<Change, ProcessError> {
-    let purchase =
-        lock(conn, payment_intent, None)
-            .await?
-            .ok_or_else(|| ProcessError::PurchaseNotYet {
-                payment_intent: payment_intent.to_owned(),
-                event: "dispute",
-            })?;
+    let purchase = lock_required(conn, payment_intent, "dispute").await?;
     let stored = purchase
         .dispute_status
         .as_deref()

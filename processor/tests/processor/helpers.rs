@@ -132,8 +132,8 @@ pub fn test_prefix() -> String {
     format!("test.{}", Uuid::new_v4().simple())
 }
 
-/// Declares a test's queues without consuming them: for tests that run the binary.
-pub async fn open_broker(settings: WorkerSettings) -> TestWorker {
+/// A connection of the test's own, with a confirm-mode channel to publish and inspect.
+async fn inspection_channel() -> (Connection, Channel) {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ must be running for these tests (see README)");
@@ -142,6 +142,12 @@ pub async fn open_broker(settings: WorkerSettings) -> TestWorker {
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
+    (connection, channel)
+}
+
+/// Declares a test's queues without consuming them: for tests that run the binary.
+pub async fn open_broker(settings: WorkerSettings) -> TestWorker {
+    let (connection, channel) = inspection_channel().await;
     settings
         .topology
         .declare(&channel, &settings.queue_settings())
@@ -159,14 +165,7 @@ pub async fn open_broker(settings: WorkerSettings) -> TestWorker {
 
 /// Starts a worker on its own queues and waits until it consumes.
 pub async fn start_worker(pool: PgPool, settings: WorkerSettings) -> TestWorker {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running for these tests (see README)");
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (connection, channel) = inspection_channel().await;
     let worker = Worker::new(pool, settings.clone());
     let ready = worker.ready_flag();
     let cancel = CancellationToken::new();
