@@ -86,6 +86,70 @@ pub fn deaths(headers: &FieldTable) -> Vec<Death> {
         .collect()
 }
 
+/// Why a dead letter is dead: (class, error, first failure, last failure, original routing key).
+type Explanation = (
+    String,
+    String,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    String,
+);
+
+fn explain(headers: &FieldTable, routing_key: &str) -> Explanation {
+    // Who dead-lettered it: the broker when `x-death` has an entry other than a TTL
+    // expiry (a replay strips `x-death`, so within one life of a message such an entry
+    // can only be its last move); otherwise the processor, whose failure headers say why.
+    // A message that was retried before the broker gave up on it carries the processor's
+    // headers from that retry too: they are history, not the reason.
+    let failure = FailureInfo::read(headers);
+    let broker_death = deaths(headers)
+        .into_iter()
+        .find(|death| death.reason != "expired");
+    match (failure, broker_death) {
+        (Some(failure), None) => (
+            failure.class,
+            failure.last_error,
+            Some(failure.first_failure_at),
+            Some(failure.last_failure_at),
+            failure.original_routing_key,
+        ),
+        (earlier, death) => {
+            let reason = death.as_ref().map_or("unknown", |d| d.reason.as_str());
+            let class = if reason == "delivery_limit" {
+                CLASS_CRASH.to_owned()
+            } else {
+                format!("broker:{reason}")
+            };
+            let mut error = match reason {
+                // x-delivery-count is not a reliable count on a dead-lettered message
+                // (RabbitMQ 3.10 left it at 0 in the chaos runs): no number here.
+                "delivery_limit" => "reached the work queue's delivery limit without being \
+                                     settled (the processor died or panicked handling it \
+                                     each time)"
+                    .to_owned(),
+                other => format!("dead-lettered by RabbitMQ, reason `{other}`"),
+            };
+            if let Some(earlier) = &earlier {
+                error.push_str(&format!(
+                    "; before that it failed ({}): {}",
+                    earlier.class, earlier.last_error
+                ));
+            }
+            let time = death.as_ref().and_then(|d| d.time);
+            (
+                class,
+                error,
+                earlier.as_ref().map(|e| e.first_failure_at).or(time),
+                time,
+                earlier
+                    .map(|e| e.original_routing_key)
+                    .filter(|key| !key.is_empty())
+                    .unwrap_or_else(|| routing_key.to_owned()),
+            )
+        }
+    }
+}
+
 impl DeadLetter {
     pub fn from_delivery(delivery: &Delivery) -> Self {
         let properties = delivery.properties.clone();
@@ -100,36 +164,8 @@ impl DeadLetter {
         let attempts = header_i64(&headers, HEADER_ATTEMPT)
             .and_then(|a| u32::try_from(a).ok())
             .unwrap_or(1);
-        let (class, last_error, first, last, routing_key) = match FailureInfo::read(&headers) {
-            Some(failure) => (
-                failure.class,
-                failure.last_error,
-                Some(failure.first_failure_at),
-                Some(failure.last_failure_at),
-                failure.original_routing_key,
-            ),
-            None => {
-                // Dead-lettered by the broker: explain it from x-death.
-                let death = deaths(&headers).into_iter().next();
-                let reason = death.as_ref().map_or("unknown", |d| d.reason.as_str());
-                let class = if reason == "delivery_limit" {
-                    CLASS_CRASH.to_owned()
-                } else {
-                    format!("broker:{reason}")
-                };
-                let error = match reason {
-                    "delivery_limit" => format!(
-                        "delivered {} times without being settled (the processor died or panicked \
-                         handling it each time)",
-                        header_i64(&headers, "x-delivery-count")
-                            .map_or("many".into(), |n| n.to_string())
-                    ),
-                    other => format!("dead-lettered by RabbitMQ, reason `{other}`"),
-                };
-                let time = death.as_ref().and_then(|d| d.time);
-                (class, error, time, time, delivery.routing_key.to_string())
-            }
-        };
+        let (class, last_error, first, last, routing_key) =
+            explain(&headers, delivery.routing_key.as_str());
         let event_type = properties
             .kind()
             .as_ref()
@@ -372,6 +408,79 @@ mod tests {
             error_kind("retries exhausted after 7 attempts: database error: pool timed out"),
             "retries exhausted after 7 attempts: database error: pool timed out"
         );
+    }
+
+    fn death(reason: &str) -> AMQPValue {
+        let mut entry = FieldTable::default();
+        entry.insert("reason".into(), AMQPValue::LongString(reason.into()));
+        entry.insert("queue".into(), AMQPValue::LongString("q".into()));
+        entry.insert("time".into(), AMQPValue::Timestamp(1_795_000_000));
+        AMQPValue::FieldTable(entry)
+    }
+
+    fn retried_before() -> FieldTable {
+        let mut headers = FieldTable::default();
+        FailureInfo {
+            class: "transient".into(),
+            last_error: "no purchase yet".into(),
+            first_failure_at: Utc.timestamp_millis_opt(1_794_999_000_000).unwrap(),
+            last_failure_at: Utc.timestamp_millis_opt(1_794_999_500_000).unwrap(),
+            original_routing_key: "charge.refunded".into(),
+        }
+        .write(&mut headers);
+        headers
+    }
+
+    #[test]
+    fn the_processors_own_dead_letter_is_explained_by_its_headers() {
+        let (class, error, ..) = explain(&retried_before(), "q");
+        assert_eq!(
+            (class.as_str(), error.as_str()),
+            ("transient", "no purchase yet")
+        );
+        // A TTL expiry on the way (the retry tiers of older versions) changes nothing.
+        let mut headers = retried_before();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("expired")].into()),
+        );
+        assert_eq!(explain(&headers, "q").0, "transient");
+    }
+
+    /// Chaos finding 2: the broker gave up on a message that had been retried before; the
+    /// retry's headers are history, the class is `crash`.
+    #[test]
+    fn a_broker_dead_letter_is_a_crash_even_with_earlier_failure_headers() {
+        let mut headers = retried_before();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into()),
+        );
+        let (class, error, first, last, key) = explain(&headers, "stripe.events.processor");
+        assert_eq!(class, "crash");
+        assert!(
+            error.starts_with("reached the work queue's delivery limit"),
+            "{error}"
+        );
+        assert!(
+            error.ends_with("before that it failed (transient): no purchase yet"),
+            "{error}"
+        );
+        assert_eq!(
+            first,
+            Some(Utc.timestamp_millis_opt(1_794_999_000_000).unwrap())
+        );
+        assert_eq!(last, Utc.timestamp_opt(1_795_000_000, 0).single());
+        assert_eq!(key, "charge.refunded");
+
+        let mut bare = FieldTable::default();
+        bare.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("rejected")].into()),
+        );
+        let (class, error, ..) = explain(&bare, "charge.refunded");
+        assert_eq!(class, "broker:rejected");
+        assert_eq!(error, "dead-lettered by RabbitMQ, reason `rejected`");
     }
 
     #[test]

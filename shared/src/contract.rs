@@ -19,6 +19,10 @@ pub const HEADER_RECEIVED_AT: &str = "x-received-at-ms";
 /// from 3.13 on ignore an `x-death` header that a client republishes.
 pub const HEADER_ATTEMPT: &str = "x-attempt";
 
+/// On a message waiting in a delay queue: when it is due back on the work queue, unix
+/// milliseconds. The processor's delay forwarder reads it (see `processor::worker::delay`).
+pub const HEADER_RETRY_DUE_AT: &str = "x-retry-due-at-ms";
+
 /// Set on a message an operator put back (`dlq replay`, `events replay`), unix milliseconds.
 pub const HEADER_REPLAYED_AT: &str = "x-replayed-at-ms";
 /// Dead letters and retries: why the message failed.

@@ -5,8 +5,15 @@
 //!                                                     │  reject / delivery limit
 //!                                                     ▼
 //!                       [stripe.events.dead] (fanout) ──▶ (stripe.events.dead)   dead letters
-//! processor ──retry──▶ (stripe.events.retry.30s) ──TTL expires──▶ work queue (default exchange)
+//! processor ──retry──▶ (stripe.events.delay.30s) ──due──▶ processor forwards ──▶ work queue
 //! ```
+//!
+//! The delay queues are plain quorum queues: no TTL, no dead-lettering. The processor's
+//! delay forwarder takes a message off when its `x-retry-due-at-ms` has come and publishes it
+//! back to the work queue (confirm first, ack second). Broker-side TTL dead-lettering was
+//! tried first and stalled for minutes after a quorum leader change on RabbitMQ 3.10
+//! (docs/RELIABILITY.md, finding 3); a publish and an ack are the two operations whose
+//! failure modes we already handle everywhere else.
 //!
 //! Every name derives from one prefix (`stripe.events` by default) so that tests and
 //! parallel deployments each get their own set. The processor owns the queues and declares
@@ -60,10 +67,12 @@ impl Topology {
         }
     }
 
-    /// Name of the delay queue for one retry tier, e.g. `stripe.events.retry.30s`.
+    /// Name of the delay queue for one retry tier, e.g. `stripe.events.delay.30s`. (Not
+    /// `retry.30s`: those were TTL queues, and RabbitMQ refuses to redeclare a queue with
+    /// other arguments.)
     pub fn retry_queue(&self, delay: Duration) -> String {
         format!(
-            "{}.retry.{}",
+            "{}.delay.{}",
             self.prefix,
             humantime::format_duration(delay)
         )
@@ -109,13 +118,7 @@ impl Topology {
         bind(channel, &self.work_queue, &self.exchange, "#").await?;
 
         for delay in &settings.retry_delays {
-            // An expired message goes through the default exchange straight to the work
-            // queue, not back through the topic exchange, which may have other consumers.
-            let mut args = at_least_once_dead_lettering("");
-            args.insert("x-dead-letter-routing-key".into(), text(&self.work_queue));
-            let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
-            declare_queue(channel, &self.retry_queue(*delay), args).await?;
+            declare_queue(channel, &self.retry_queue(*delay), quorum_args()).await?;
         }
         Ok(())
     }

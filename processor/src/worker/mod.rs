@@ -7,8 +7,9 @@
 //!
 //! How a delivery ends:
 //! - handled (or a duplicate, or ignored): ack;
-//! - transient failure, attempts left: a copy goes to the retry queue of its delay tier
-//!   with the attempt count raised, then the original is acked;
+//! - transient failure, attempts left: a copy goes to the delay queue of its tier with the
+//!   attempt count raised and its due time, then the original is acked; when it is due,
+//!   [`delay`] brings it back to the work queue;
 //! - permanent failure, or attempts exhausted: a copy with the failure headers goes to the
 //!   dead-letter exchange, then the original is acked;
 //! - the copy could not be confirmed: nack with requeue, so nothing is lost (it may run again,
@@ -21,6 +22,7 @@
 //! never lose it.
 
 mod batch;
+mod delay;
 mod hooks;
 mod settle;
 
@@ -190,6 +192,16 @@ impl Worker {
             publish: std::sync::Mutex::new(publish),
             connection: Arc::clone(&connection),
         });
+        let stop_forwarding = CancellationToken::new();
+        let mut forwarders = JoinSet::new();
+        for delay in &settings.retry_delays {
+            forwarders.spawn(delay::forward(
+                Arc::clone(&context),
+                settings.topology.retry_queue(*delay),
+                *delay,
+                stop_forwarding.clone(),
+            ));
+        }
         let permits = Arc::new(Semaphore::new(settings.concurrency));
         let mut tasks = JoinSet::new();
         let end = loop {
@@ -230,7 +242,9 @@ impl Worker {
                 "stopped consuming; finishing in-flight messages"
             );
         }
+        stop_forwarding.cancel();
         drain(&mut tasks, settings.shutdown_timeout).await;
+        drain(&mut forwarders, settings.shutdown_timeout).await;
         close(&connection).await;
         Ok(end)
     }

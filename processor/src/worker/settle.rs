@@ -9,7 +9,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use shared::broker::publish_confirmed;
 use shared::contract::{
-    EventMessage, FailureInfo, HEADER_ATTEMPT, HEADER_REPLAYED_AT, with_headers,
+    EventMessage, FailureInfo, HEADER_ATTEMPT, HEADER_REPLAYED_AT, HEADER_RETRY_DUE_AT,
+    with_headers,
 };
 use sqlx::PgPool;
 
@@ -129,6 +130,11 @@ async fn settle_by_moving(
                     HEADER_ATTEMPT.into(),
                     AMQPValue::LongLongInt(next_attempt.into()),
                 );
+                let due = Utc::now() + chrono::Duration::from_std(*delay).unwrap_or_default();
+                headers.insert(
+                    HEADER_RETRY_DUE_AT.into(),
+                    AMQPValue::LongLongInt(due.timestamp_millis()),
+                );
             });
             // Through the default exchange, straight into the delay queue.
             (String::new(), topology.retry_queue(*delay), properties)
@@ -178,7 +184,7 @@ async fn settle_by_moving(
 /// leader election RabbitMQ 3.10 can nack every publish on a channel until it is replaced,
 /// and returning the original to the queue at once would only spin it toward the delivery
 /// limit. Bounded: a few hundred milliseconds in all, never minutes while holding a message.
-async fn publish_with_retries(
+pub(super) async fn publish_with_retries(
     context: &Context,
     exchange: &str,
     routing_key: &str,
@@ -237,7 +243,7 @@ pub(super) async fn ack(delivery: &Delivery) {
     }
 }
 
-async fn nack_requeue(delivery: &Delivery) {
+pub(super) async fn nack_requeue(delivery: &Delivery) {
     let options = BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()

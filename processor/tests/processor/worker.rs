@@ -312,3 +312,77 @@ async fn a_batch_commits_together_and_bad_events_fail_alone(pool: PgPool) {
         );
     }
 }
+
+/// The delay forwarder: a retry waits in its delay queue until its due time, not less,
+/// whatever happens to the processor in between; one already due goes on at once.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_retry_waits_for_its_due_time_even_across_a_restart(pool: PgPool) {
+    use shared::contract::{HEADER_RETRY_DUE_AT, with_headers};
+
+    seed_catalog(&pool).await;
+    let settings = settings(&test_prefix(), vec![ms(2500)], 5);
+    let delay_queue = settings.topology.retry_queue(ms(2500));
+    // Published while no processor runs, as after an outage.
+    let broker = open_broker(settings.clone()).await;
+    let due_at = chrono::Utc::now() + chrono::Duration::milliseconds(2500);
+    // In due order, as a tier always is: every message of a tier waits the same delay.
+    for (id, due) in [
+        (
+            "evt_overdue",
+            chrono::Utc::now() - chrono::Duration::minutes(5),
+        ),
+        ("evt_later", due_at),
+    ] {
+        let msg = message(paid_session_body(id, &format!("pi_{id}"), 1999));
+        let properties = with_headers(&msg.properties().unwrap(), |headers| {
+            headers.insert(
+                HEADER_ATTEMPT.into(),
+                lapin::types::AMQPValue::LongLongInt(2),
+            );
+            headers.insert(
+                HEADER_RETRY_DUE_AT.into(),
+                lapin::types::AMQPValue::LongLongInt(due.timestamp_millis()),
+            );
+        });
+        shared::broker::publish_confirmed(&broker.channel, "", &delay_queue, &msg.body, properties)
+            .await
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    let mut first = start_worker(pool.clone(), settings.clone()).await;
+
+    wait_for("the overdue retry", || async {
+        event_status(&pool, "evt_overdue").await.map(|s| s.0) == Some("processed".into())
+    })
+    .await;
+    assert!(
+        started.elapsed() < ms(2000),
+        "an overdue retry goes on at once"
+    );
+    assert_eq!(event_status(&pool, "evt_later").await, None, "not due yet");
+    first.stop().await;
+    assert_eq!(
+        first.depth(&delay_queue).await,
+        1,
+        "it waits in its delay queue"
+    );
+
+    let second = start_worker(pool.clone(), settings).await;
+    wait_for("the due retry", || async {
+        event_status(&pool, "evt_later").await.map(|s| s.0) == Some("processed".into())
+    })
+    .await;
+    let handled_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT processed_at FROM stripe_events WHERE id = 'evt_later'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        handled_at >= due_at,
+        "handled at {handled_at}, due at {due_at}"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 2);
+    assert_eq!(second.depth(&delay_queue).await, 0);
+    assert_eq!(second.depth(&second.topology.work_queue).await, 0);
+    drop((first, broker));
+}
