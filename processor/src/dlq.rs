@@ -124,8 +124,8 @@ fn explain(headers: &FieldTable, routing_key: &str) -> Explanation {
                 // x-delivery-count is not a reliable count on a dead-lettered message
                 // (RabbitMQ 3.10 left it at 0 in the chaos runs): no number here.
                 "delivery_limit" => "reached the work queue's delivery limit without being \
-                                     settled (the processor died or panicked handling it \
-                                     each time)"
+                                     settled (each time the processor died or panicked \
+                                     handling it, or could not move it)"
                     .to_owned(),
                 other => format!("dead-lettered by RabbitMQ, reason `{other}`"),
             };
