@@ -40,11 +40,17 @@ async fn lock(
     session: Option<&str>,
 ) -> Result<Option<Locked>, ProcessError> {
     let row = sqlx::query(
-        "SELECT id, status, customer_id, content_id, amount_paid_cents, refunded_amount_cents,
-                dispute_status, dispute_updated_at
-           FROM purchases
-          WHERE stripe_payment_intent_id = $1 OR stripe_checkout_session_id = $2
-          FOR UPDATE",
+        // Not `WHERE pi = $1 OR session = $2`: sqlx prepares statements, and PostgreSQL's
+        // generic plan for that OR, made while the table is small, is a sequential scan that
+        // the connection then keeps as the table grows (the drain rate fell from 2,100 to
+        // 600 events/s over 50,000 purchases). Each arm here has its own unique index.
+        "SELECT p.id, p.status, p.customer_id, p.content_id, p.amount_paid_cents,
+                p.refunded_amount_cents, p.dispute_status, p.dispute_updated_at
+           FROM (SELECT id FROM purchases WHERE stripe_payment_intent_id = $1
+                 UNION
+                 SELECT id FROM purchases WHERE stripe_checkout_session_id = $2) matching
+           JOIN purchases p ON p.id = matching.id
+          FOR UPDATE OF p",
     )
     .bind(payment_intent)
     .bind(session)
@@ -413,8 +419,9 @@ async fn payment_recorded(
     request: &PurchaseRequest,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM purchases
-                         WHERE stripe_payment_intent_id = $1 OR stripe_checkout_session_id = $2)",
+        // Two EXISTS, not one with OR: see `lock`.
+        "SELECT EXISTS (SELECT 1 FROM purchases WHERE stripe_payment_intent_id = $1)
+             OR EXISTS (SELECT 1 FROM purchases WHERE stripe_checkout_session_id = $2)",
     )
     .bind(&request.payment_intent_id)
     .bind(&request.checkout_session_id)

@@ -148,25 +148,42 @@ async fn admit(context: &Context, delivery: Delivery) -> Option<Work> {
 
 /// Runs every message under its own savepoint in one transaction. `Err` means the
 /// transaction itself failed and nothing of it was committed.
+///
+/// One round trip of savepoint bookkeeping per event, not two: the release of one event's
+/// savepoint and the next one's go together, and after a rollback the savepoint stays in
+/// place for the next event. The last event's savepoint is left to the commit. A batch of
+/// one needs none: a failed event rolls back the transaction. (Savepoints are released, not
+/// left to nest: 32 nested subtransactions made PostgreSQL four times slower per event.)
 async fn in_one_transaction(
     pool: &PgPool,
     messages: &[&EventMessage],
 ) -> Result<Vec<Result<Outcome, ProcessError>>, ProcessError> {
     let mut tx = pool.begin().await?;
-    let mut results = Vec::with_capacity(messages.len());
-    for message in messages {
+    let alone = messages.len() == 1;
+    if !alone {
         sqlx::query("SAVEPOINT event").execute(&mut *tx).await?;
+    }
+    let mut results = Vec::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        let more = index + 1 < messages.len();
         match handler::handle_in(&mut tx, message).await {
             Ok(outcome) => {
-                sqlx::query("RELEASE SAVEPOINT event")
-                    .execute(&mut *tx)
-                    .await?;
+                if more {
+                    // Both in one round trip (simple query protocol).
+                    sqlx::raw_sql("RELEASE SAVEPOINT event; SAVEPOINT event")
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 results.push(Ok(outcome));
             }
             // A database failure that may concern the whole transaction (connection,
             // deadlock, serialization): give up on the batch.
             Err(error @ ProcessError::Database(_)) if error.class() == FailureClass::Transient => {
                 return Err(error);
+            }
+            Err(error) if alone => {
+                tx.rollback().await?;
+                return Ok(vec![Err(error)]);
             }
             Err(error) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT event")
