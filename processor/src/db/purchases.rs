@@ -34,28 +34,36 @@ struct Locked {
     dispute_updated_at: Option<DateTime<Utc>>,
 }
 
-async fn lock(
-    conn: &mut PgConnection,
-    payment_intent: &str,
-    session: Option<&str>,
-) -> Result<Option<Locked>, ProcessError> {
-    let row = sqlx::query(
-        // Not `WHERE pi = $1 OR session = $2`: sqlx prepares statements, and PostgreSQL's
-        // generic plan for that OR, made while the table is small, is a sequential scan that
-        // the connection then keeps as the table grows (the drain rate fell from 2,100 to
-        // 600 events/s over 50,000 purchases). Each arm here has its own unique index.
-        "SELECT p.id, p.status, p.customer_id, p.content_id, p.amount_paid_cents,
+/// The purchase of a payment, by payment intent or checkout session, locked.
+///
+/// Not `WHERE pi = $1 OR session = $2`: sqlx prepares statements, and PostgreSQL's generic
+/// plan for that OR, made while the table is small, is a sequential scan that the connection
+/// then keeps as the table grows (the drain rate fell from 2,100 to 600 events/s over 50,000
+/// purchases). Each arm here has its own unique index, whatever the plan.
+pub const LOCK_SQL: &str =
+    "SELECT p.id, p.status, p.customer_id, p.content_id, p.amount_paid_cents,
                 p.refunded_amount_cents, p.dispute_status, p.dispute_updated_at
            FROM (SELECT id FROM purchases WHERE stripe_payment_intent_id = $1
                  UNION
                  SELECT id FROM purchases WHERE stripe_checkout_session_id = $2) matching
            JOIN purchases p ON p.id = matching.id
-          FOR UPDATE OF p",
-    )
-    .bind(payment_intent)
-    .bind(session)
-    .fetch_optional(conn)
-    .await?;
+          FOR UPDATE OF p";
+
+/// Whether a payment is recorded at all. Two EXISTS, not one with OR: see [`LOCK_SQL`].
+pub const PAYMENT_RECORDED_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM purchases WHERE stripe_payment_intent_id = $1)
+             OR EXISTS (SELECT 1 FROM purchases WHERE stripe_checkout_session_id = $2)";
+
+async fn lock(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    session: Option<&str>,
+) -> Result<Option<Locked>, ProcessError> {
+    let row = sqlx::query(LOCK_SQL)
+        .bind(payment_intent)
+        .bind(session)
+        .fetch_optional(conn)
+        .await?;
     let Some(row) = row else { return Ok(None) };
     let status: String = row.try_get("status")?;
     Ok(Some(Locked {
@@ -418,15 +426,11 @@ async fn payment_recorded(
     conn: &mut PgConnection,
     request: &PurchaseRequest,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        // Two EXISTS, not one with OR: see `lock`.
-        "SELECT EXISTS (SELECT 1 FROM purchases WHERE stripe_payment_intent_id = $1)
-             OR EXISTS (SELECT 1 FROM purchases WHERE stripe_checkout_session_id = $2)",
-    )
-    .bind(&request.payment_intent_id)
-    .bind(&request.checkout_session_id)
-    .fetch_one(conn)
-    .await
+    sqlx::query_scalar(PAYMENT_RECORDED_SQL)
+        .bind(&request.payment_intent_id)
+        .bind(&request.checkout_session_id)
+        .fetch_one(conn)
+        .await
 }
 
 /// Makes the customer's access match what this purchase grants. Granting re-activates a

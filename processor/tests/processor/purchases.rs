@@ -378,3 +378,45 @@ async fn database_down_is_transient(pool: PgPool) {
     assert_eq!(error.class(), FailureClass::Transient, "{error}");
     drop(pool);
 }
+
+/// The per-event lookups must use indexes even in the generic plan PostgreSQL caches for a
+/// prepared statement while the table is still small (a sequential scan there made the
+/// drain slower with every purchase stored). `force_generic_plan` shows that plan.
+#[sqlx::test(migrations = "../migrations")]
+async fn purchase_lookups_use_indexes_in_their_generic_plans(pool: PgPool) {
+    use processor::db::purchases::{LOCK_SQL, PAYMENT_RECORDED_SQL};
+
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for (name, sql) in [
+        ("lock", LOCK_SQL),
+        ("payment_recorded", PAYMENT_RECORDED_SQL),
+    ] {
+        // Our own constants, no input: safe to splice.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE {name}(text, text) AS {sql}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE {name}('pi', 'cs')"
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan"), "{name}:\n{plan}");
+        assert!(
+            plan.contains("purchases_stripe_payment_intent_id_key"),
+            "{name}:\n{plan}"
+        );
+        assert!(
+            plan.contains("purchases_checkout_session_idx"),
+            "{name}:\n{plan}"
+        );
+    }
+}
