@@ -269,6 +269,9 @@ async fn collect(
     let deadline = tokio::time::Instant::now() + limits.wait;
     while batch.len() < limits.size {
         let delivery = tokio::select! {
+            // Deliveries already received come first, also once the wait is over: with a
+            // wait of zero, a batch is whatever arrived while the previous ones ran.
+            biased;
             delivery = consumer.next() => delivery,
             () = tokio::time::sleep_until(deadline) => break,
             // What we hold is handled and settled before stopping.
