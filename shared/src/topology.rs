@@ -30,6 +30,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
+/// Delivery limit of the delay and dead-letter queues: never reached, on purpose (see
+/// [`Topology::declare`]).
+pub const UNREACHABLE_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 /// Default prefix of every exchange and queue name.
 pub const DEFAULT_PREFIX: &str = "stripe.events";
 
@@ -106,6 +110,12 @@ impl Topology {
 
         let mut dead_args = quorum_args();
         dead_args.insert("x-overflow".into(), text("reject-publish"));
+        // `dlq list` and `dlq show` read dead letters and give them back, which counts as a
+        // delivery: on RabbitMQ 4 (default limit 20) they would be dropped after 20 reads.
+        dead_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(UNREACHABLE_DELIVERY_LIMIT),
+        );
         declare_queue(channel, &self.dead_queue, dead_args).await?;
         bind(channel, &self.dead_queue, &self.dead_exchange, "").await?;
 
@@ -118,7 +128,16 @@ impl Topology {
         bind(channel, &self.work_queue, &self.exchange, "#").await?;
 
         for delay in &settings.retry_delays {
-            declare_queue(channel, &self.retry_queue(*delay), quorum_args()).await?;
+            // The delay forwarder returns a message that is not due yet (`nack` with
+            // requeue), which counts as a delivery. RabbitMQ 4 gives quorum queues a default
+            // delivery limit of 20 and, with no dead-letter exchange, drops a message past
+            // it: an explicit, unreachable limit keeps every version from doing that.
+            let mut args = quorum_args();
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(UNREACHABLE_DELIVERY_LIMIT),
+            );
+            declare_queue(channel, &self.retry_queue(*delay), args).await?;
         }
         Ok(())
     }

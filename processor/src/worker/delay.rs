@@ -7,7 +7,9 @@
 //!   ack the original; a copy that cannot be confirmed sends the original back to the head;
 //! - not due yet: send it back to the head (`nack` with requeue; quorum queues deliver
 //!   returned messages first) and sleep until it is due. Every message of a tier waits the
-//!   same delay, so the head is always the one due first;
+//!   same delay, so the head is always the one due first. Each return counts as a delivery:
+//!   the delay queues are declared with an unreachable delivery limit (RabbitMQ 4 would
+//!   otherwise drop a message returned 20 times);
 //! - empty: sleep a little (at most the tier's delay: nothing can come due sooner).
 //!
 //! Why not the broker's TTL dead-lettering: on RabbitMQ 3.10 it stalled for minutes after a
@@ -35,9 +37,6 @@ use super::settle::{ack, nack_requeue, publish_with_retries};
 /// Copies in flight to the work queue at once, per tier: a backlog that comes due together
 /// (after an outage) drains at the broker's confirm rate, not one round trip at a time.
 const IN_FLIGHT: usize = 32;
-/// Longest nap when the head is not due, so that a due time far off (clock skew between
-/// processors, a changed schedule) is looked at again now and then.
-const MAX_NAP: Duration = Duration::from_secs(60);
 /// Longest nap on an empty queue.
 const EMPTY_NAP: Duration = Duration::from_secs(5);
 /// Pause after the channel failed, before opening another.
@@ -116,7 +115,10 @@ async fn forward_on(
                     ..BasicNackOptions::default()
                 })
                 .await?;
-            nap(wait.min(MAX_NAP), stop).await;
+            // Sleep until it is due, so that a message is returned about once per forwarder
+            // (each return counts as a delivery). Never longer than the tier's delay: a due
+            // time further off can only come from a clock ahead of ours.
+            nap(wait.min(delay), stop).await;
             continue;
         }
         let context = Arc::clone(context);
