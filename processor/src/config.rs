@@ -86,7 +86,7 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub delivery_limit: u32,
 
-    /// Delays between attempts after a transient failure, one retry queue each. Attempts
+    /// Delays between attempts after a transient failure, one delay queue each. Attempts
     /// beyond the list wait the last delay.
     #[arg(long, env = "PROCESSOR_RETRY_DELAYS", default_value = "5s,30s,2m,10m,1h,6h",
           value_parser = parse_delays)]
@@ -331,7 +331,7 @@ pub struct WatchArgs {
         value_delimiter = ','
     )]
     pub metrics_urls: Vec<String>,
-    /// The processors' retry schedule, to know which retry queues to show.
+    /// The processors' retry schedule, to know which delay queues to show.
     #[arg(long, env = "PROCESSOR_RETRY_DELAYS", default_value = "5s,30s,2m,10m,1h,6h",
           value_parser = parse_delays)]
     pub retry_delays: RetryDelays,
