@@ -187,19 +187,11 @@ async fn transaction(pool: &PgPool, event: &DbEvent) -> anyhow::Result<()> {
     .await?;
     anyhow::ensure!(prior == "received", "event {} seen before", event.event_id);
 
-    let existing = sqlx::query(
-        "SELECT p.id, p.status, p.customer_id, p.content_id, p.amount_paid_cents,
-                p.refunded_amount_cents, p.dispute_status, p.dispute_updated_at
-           FROM (SELECT id FROM purchases WHERE stripe_payment_intent_id = $1
-                 UNION
-                 SELECT id FROM purchases WHERE stripe_checkout_session_id = $2) matching
-           JOIN purchases p ON p.id = matching.id
-          FOR UPDATE OF p",
-    )
-    .bind(&event.payment_intent)
-    .bind(&event.session_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let existing = sqlx::query(processor::db::purchases::LOCK_SQL)
+        .bind(&event.payment_intent)
+        .bind(&event.session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     anyhow::ensure!(
         existing.is_none(),
         "payment {} seen before",
