@@ -95,8 +95,9 @@ pub async fn status(pool: &PgPool, event_id: &str) -> Result<Option<String>, sql
         .await
 }
 
-/// Records a failed attempt outside the (rolled back) processing transaction. Never moves
-/// an event that is already done back to a failure status.
+/// Records a failed attempt outside the (rolled back) processing transaction, and counts it:
+/// the claim's own `attempts + 1` was rolled back with the rest. Never moves an event that
+/// is already done back to a failure status.
 pub async fn record_failure(
     pool: &PgPool,
     message: &EventMessage,
@@ -107,7 +108,8 @@ pub async fn record_failure(
         "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, status, attempts, last_error, received_at)
          VALUES ($1, $2, $3, $8, $5, $4, 1, $6, $7)
          ON CONFLICT (id) DO UPDATE
-            SET status = EXCLUDED.status, last_error = EXCLUDED.last_error, updated_at = now()
+            SET status = EXCLUDED.status, last_error = EXCLUDED.last_error,
+                attempts = stripe_events.attempts + 1, updated_at = now()
           WHERE stripe_events.status NOT IN ('processed', 'ignored')";
     let payload = payload_json(&message.body);
     let livemode = payload

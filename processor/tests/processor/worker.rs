@@ -386,3 +386,29 @@ async fn a_retry_waits_for_its_due_time_even_across_a_restart(pool: PgPool) {
     assert_eq!(second.depth(&second.topology.work_queue).await, 0);
     drop((first, broker));
 }
+
+/// The event log counts failed deliveries too (their own claim was rolled back with the rest).
+#[sqlx::test(migrations = "../migrations")]
+async fn failed_deliveries_are_counted_in_the_event_log(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let worker = start_worker(pool.clone(), settings(&test_prefix(), vec![ms(100)], 5)).await;
+    let body = edit(&paid_session_body("evt_twice", "pi_twice", 1999), |e| {
+        e["data"]["object"]["metadata"]["contentId"] = Uuid::new_v4().to_string().into();
+    });
+    // Delivered twice, as Stripe may; each copy fails for good.
+    worker.publish(&message(body.clone())).await;
+    worker.publish(&message(body)).await;
+    wait_for("both dead letters", || async {
+        worker.depth(&worker.topology.dead_queue).await == 2
+    })
+    .await;
+    wait_for("both attempts in the log", || async {
+        count(
+            &pool,
+            "SELECT attempts::bigint FROM stripe_events WHERE id = 'evt_twice' AND status = 'dead'",
+        )
+        .await
+            == 2
+    })
+    .await;
+}
