@@ -192,26 +192,51 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         // Remove this test's queues and exchanges, even when the test failed.
-        let topology = self.topology.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                if let Ok(connection) =
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                    && let Ok(channel) = connection.create_channel().await
-                {
-                    let _ = topology.delete(&channel, &[]).await;
-                    let _ = connection.close(200, "test over".into()).await;
-                }
-            });
-        })
-        .join();
+        remove_topology(self.topology.clone());
     }
+}
+
+/// Removes a test's queues and exchanges on the machine's broker; usable from `Drop`.
+pub fn remove_topology(topology: Topology) {
+    on_broker(move |channel| async move {
+        let _ = topology.delete(&channel, &[]).await;
+    });
+}
+
+/// Removes one exchange (what a binary run declares when no queue was made for it).
+pub fn remove_exchange(name: String) {
+    on_broker(move |channel| async move {
+        let _ = channel
+            .exchange_delete(name.as_str().into(), Default::default())
+            .await;
+    });
+}
+
+/// Runs `work` on a channel of its own, on a thread of its own: callable from `Drop`, inside
+/// or outside a runtime.
+fn on_broker<F, Fut>(work: F)
+where
+    F: FnOnce(Channel) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            if let Ok(connection) =
+                Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                && let Ok(channel) = connection.create_channel().await
+            {
+                work(channel).await;
+                let _ = connection.close(200, "test over".into()).await;
+            }
+        });
+    })
+    .join();
 }
 
 pub async fn error_of(response: reqwest::Response) -> String {

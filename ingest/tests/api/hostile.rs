@@ -370,27 +370,39 @@ async fn slow_clients_cannot_hold_connections() {
     assert!(app.queued().await.is_empty());
 }
 
-fn ingest_binary(args: &[(&str, String)]) -> (Child, String) {
+/// Removes the exchange a binary run declared (its name is the prefix), when the test ends,
+/// even when it failed.
+struct BrokerLeftovers(String);
+
+impl Drop for BrokerLeftovers {
+    fn drop(&mut self) {
+        remove_exchange(self.0.clone());
+    }
+}
+
+fn ingest_binary(args: &[(&str, String)]) -> (Child, String, BrokerLeftovers) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let prefix = format!("test.{}", uuid::Uuid::new_v4().simple());
     let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("INGEST_ADDR", format!("127.0.0.1:{port}"))
-        .env(
-            "AMQP_PREFIX",
-            format!("test.{}", uuid::Uuid::new_v4().simple()),
-        )
+        .env("AMQP_PREFIX", &prefix)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (key, value) in args {
         command.env(key, value);
     }
-    (command.spawn().unwrap(), format!("http://127.0.0.1:{port}"))
+    (
+        command.spawn().unwrap(),
+        format!("http://127.0.0.1:{port}"),
+        BrokerLeftovers(prefix),
+    )
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -424,7 +436,7 @@ fn terminate(child: &mut Child) -> String {
 
 #[tokio::test]
 async fn a_flood_from_one_address_gets_429s_without_memory_growth() {
-    let (mut child, base) = ingest_binary(&[
+    let (mut child, base, _leftovers) = ingest_binary(&[
         ("AMQP_URL", amqp_url()),
         ("STRIPE_WEBHOOK_SECRET_BOOKING", SECRET.into()),
         ("INGEST_RATE_LIMIT_PER_MINUTE", "60".into()),
@@ -481,7 +493,7 @@ async fn a_flood_from_one_address_gets_429s_without_memory_growth() {
 async fn no_secret_ever_reaches_the_logs() {
     let secret = "whsec_this_value_must_never_be_logged";
     let rotated = "whsec_old_value_also_never_logged";
-    let (mut child, base) = ingest_binary(&[
+    let (mut child, base, _leftovers) = ingest_binary(&[
         ("AMQP_URL", amqp_url()),
         (
             "STRIPE_WEBHOOK_SECRET_BOOKING",
@@ -504,7 +516,7 @@ async fn no_secret_ever_reaches_the_logs() {
     assert!(!stderr.contains("not_a_whsec_secret_value"), "{stderr}");
     drop(base);
 
-    let (mut child, base) = ingest_binary(&[
+    let (mut child, base, _leftovers) = ingest_binary(&[
         ("AMQP_URL", amqp_url()),
         (
             "STRIPE_WEBHOOK_SECRET_BOOKING",
