@@ -19,9 +19,10 @@ pub enum EnvelopeError {
 }
 
 /// An event as both binaries need it: id and type for routing and dedup, the rest for
-/// the processor.
+/// the processor. `O` is what `data.object` is read into: a [`Value`] for the processor
+/// ([`EventEnvelope`]), nothing for ingest ([`EventHead`]).
 #[derive(Debug, Clone, Deserialize)]
-pub struct EventEnvelope {
+pub struct Envelope<O> {
     pub id: String,
     #[serde(rename = "type")]
     pub event_type: String,
@@ -34,48 +35,30 @@ pub struct EventEnvelope {
     pub created: Option<i64>,
     #[serde(default)]
     pub api_version: Option<String>,
-    #[serde(default)]
-    pub data: Option<EventData>,
+    // `default` alone would make serde ask `O: Default`.
+    #[serde(default = "Option::default", bound = "O: Deserialize<'de>")]
+    pub data: Option<EventData<O>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct EventData {
-    pub object: Value,
+pub struct EventData<O> {
+    pub object: O,
 }
+
+/// The envelope the processor reads, `data.object` included.
+pub type EventEnvelope = Envelope<Value>;
 
 /// The same envelope with the event's object skipped, not built: what ingest needs (id and
 /// type) at a fraction of the cost, since building `data.object` as a [`Value`] tree is most
 /// of the parsing. It accepts and refuses exactly the bodies [`EventEnvelope::parse`] does:
 /// the object is still read through, so the JSON must be whole and well formed.
-#[derive(Debug, Clone, Deserialize)]
-pub struct EventHead {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub event_type: String,
-    #[serde(default)]
-    object: Option<String>,
-    // Read for their types only, as EventEnvelope reads them.
-    #[serde(default, rename = "livemode")]
-    _livemode: bool,
-    #[serde(default, rename = "created")]
-    _created: Option<i64>,
-    #[serde(default, rename = "api_version")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "data")]
-    _data: Option<DataHead>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct DataHead {
-    #[serde(rename = "object")]
-    _object: Skim,
-}
+pub type EventHead = Envelope<Skim>;
 
 /// Reads any JSON value through as [`Value`] would (every string decoded, so a lone UTF-16
 /// surrogate is refused; every number converted), without building it.
 /// `serde::de::IgnoredAny` is not enough: it skips strings without decoding their escapes.
 #[derive(Debug, Clone)]
-struct Skim;
+pub struct Skim;
 
 impl<'de> Deserialize<'de> for Skim {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -125,42 +108,27 @@ impl<'de> serde::de::Visitor<'de> for Skim {
     }
 }
 
-impl EventHead {
-    /// Parses and checks the fields the pipeline relies on, as [`EventEnvelope::parse`].
+impl<O: serde::de::DeserializeOwned> Envelope<O> {
+    /// Parses and checks the fields the pipeline relies on.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
-        let head: EventHead = serde_json::from_slice(body).map_err(EnvelopeError::NotJson)?;
-        check_head(&head.id, &head.event_type, head.object.as_deref())?;
-        Ok(head)
+        let envelope: Self = serde_json::from_slice(body).map_err(EnvelopeError::NotJson)?;
+        check_token("id", &envelope.id, |c| {
+            c.is_ascii_alphanumeric() || c == '_'
+        })?;
+        check_token("type", &envelope.event_type, |c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_'
+        })?;
+        if envelope.object.as_deref().is_some_and(|o| o != "event") {
+            return Err(EnvelopeError::BadField {
+                field: "object",
+                problem: "is not \"event\"",
+            });
+        }
+        Ok(envelope)
     }
-}
-
-fn check_head(id: &str, event_type: &str, object: Option<&str>) -> Result<(), EnvelopeError> {
-    check_token("id", id, |c| c.is_ascii_alphanumeric() || c == '_')?;
-    check_token("type", event_type, |c| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_'
-    })?;
-    if object.is_some_and(|o| o != "event") {
-        return Err(EnvelopeError::BadField {
-            field: "object",
-            problem: "is not \"event\"",
-        });
-    }
-    Ok(())
 }
 
 impl EventEnvelope {
-    /// Parses and checks the fields the pipeline relies on.
-    pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
-        let envelope: EventEnvelope =
-            serde_json::from_slice(body).map_err(EnvelopeError::NotJson)?;
-        check_head(
-            &envelope.id,
-            &envelope.event_type,
-            envelope.object.as_deref(),
-        )?;
-        Ok(envelope)
-    }
-
     /// The resource the event is about (`data.object`), if any.
     pub fn object(&self) -> Option<&Value> {
         self.data.as_ref().map(|d| &d.object)
