@@ -86,14 +86,14 @@ pub fn deaths(headers: &FieldTable) -> Vec<Death> {
         .collect()
 }
 
-/// Why a dead letter is dead: (class, error, first failure, last failure, original routing key).
-type Explanation = (
-    String,
-    String,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    String,
-);
+/// Why a dead letter is dead.
+struct Explanation {
+    class: String,
+    last_error: String,
+    first_failure_at: Option<DateTime<Utc>>,
+    last_failure_at: Option<DateTime<Utc>>,
+    original_routing_key: String,
+}
 
 fn explain(headers: &FieldTable, routing_key: &str) -> Explanation {
     // Who dead-lettered it: the broker when `x-death` has an entry other than a TTL
@@ -106,13 +106,13 @@ fn explain(headers: &FieldTable, routing_key: &str) -> Explanation {
         .into_iter()
         .find(|death| death.reason != "expired");
     match (failure, broker_death) {
-        (Some(failure), None) => (
-            failure.class,
-            failure.last_error,
-            Some(failure.first_failure_at),
-            Some(failure.last_failure_at),
-            failure.original_routing_key,
-        ),
+        (Some(failure), None) => Explanation {
+            class: failure.class,
+            last_error: failure.last_error,
+            first_failure_at: Some(failure.first_failure_at),
+            last_failure_at: Some(failure.last_failure_at),
+            original_routing_key: failure.original_routing_key,
+        },
         (earlier, death) => {
             let reason = death.as_ref().map_or("unknown", |d| d.reason.as_str());
             let class = if reason == "delivery_limit" {
@@ -136,16 +136,16 @@ fn explain(headers: &FieldTable, routing_key: &str) -> Explanation {
                 ));
             }
             let time = death.as_ref().and_then(|d| d.time);
-            (
+            Explanation {
                 class,
-                error,
-                earlier.as_ref().map(|e| e.first_failure_at).or(time),
-                time,
-                earlier
+                last_error: error,
+                first_failure_at: earlier.as_ref().map(|e| e.first_failure_at).or(time),
+                last_failure_at: time,
+                original_routing_key: earlier
                     .map(|e| e.original_routing_key)
                     .filter(|key| !key.is_empty())
                     .unwrap_or_else(|| routing_key.to_owned()),
-            )
+            }
         }
     }
 }
@@ -164,8 +164,13 @@ impl DeadLetter {
         let attempts = header_i64(&headers, HEADER_ATTEMPT)
             .and_then(|a| u32::try_from(a).ok())
             .unwrap_or(1);
-        let (class, last_error, first, last, routing_key) =
-            explain(&headers, delivery.routing_key.as_str());
+        let Explanation {
+            class,
+            last_error,
+            first_failure_at: first,
+            last_failure_at: last,
+            original_routing_key: routing_key,
+        } = explain(&headers, delivery.routing_key.as_str());
         let event_type = properties
             .kind()
             .as_ref()
@@ -433,7 +438,11 @@ mod tests {
 
     #[test]
     fn the_processors_own_dead_letter_is_explained_by_its_headers() {
-        let (class, error, ..) = explain(&retried_before(), "q");
+        let Explanation {
+            class,
+            last_error: error,
+            ..
+        } = explain(&retried_before(), "q");
         assert_eq!(
             (class.as_str(), error.as_str()),
             ("transient", "no purchase yet")
@@ -444,7 +453,7 @@ mod tests {
             "x-death".into(),
             AMQPValue::FieldArray(vec![death("expired")].into()),
         );
-        assert_eq!(explain(&headers, "q").0, "transient");
+        assert_eq!(explain(&headers, "q").class, "transient");
     }
 
     /// Chaos finding 2: the broker gave up on a message that had been retried before; the
@@ -456,7 +465,13 @@ mod tests {
             "x-death".into(),
             AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into()),
         );
-        let (class, error, first, last, key) = explain(&headers, "stripe.events.processor");
+        let Explanation {
+            class,
+            last_error: error,
+            first_failure_at: first,
+            last_failure_at: last,
+            original_routing_key: key,
+        } = explain(&headers, "stripe.events.processor");
         assert_eq!(class, "crash");
         assert!(
             error.starts_with("reached the work queue's delivery limit"),
@@ -478,7 +493,11 @@ mod tests {
             "x-death".into(),
             AMQPValue::FieldArray(vec![death("rejected")].into()),
         );
-        let (class, error, ..) = explain(&bare, "charge.refunded");
+        let Explanation {
+            class,
+            last_error: error,
+            ..
+        } = explain(&bare, "charge.refunded");
         assert_eq!(class, "broker:rejected");
         assert_eq!(error, "dead-lettered by RabbitMQ, reason `rejected`");
     }
