@@ -9,15 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use shared::config::{BrokerArgs, LogArgs, parse_duration};
 use shared::signature::{DEFAULT_TOLERANCE_SECS, SecretError, WebhookSecret};
 
-/// The webhook endpoints Stripe may post to; each has its own secrets.
-pub const ENDPOINTS: [&str; 6] = [
-    "booking",
-    "payment",
-    "subscription",
-    "connect",
-    "customer",
-    "dispute",
-];
+pub use shared::config::ENDPOINTS;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
