@@ -39,6 +39,12 @@ impl CheckoutSession {
         self.payment_status.as_deref() == Some("paid")
     }
 
+    /// A checkout made free (e.g. by a 100 % coupon): complete with nothing to pay. Stripe
+    /// sends it with `payment_intent: null`.
+    pub fn is_free(&self) -> bool {
+        self.payment_status.as_deref() == Some("no_payment_required") && self.amount_total == Some(0)
+    }
+
     pub fn payment_intent_id(&self) -> Option<&str> {
         match self.payment_intent.as_ref()? {
             Value::String(id) => Some(id),
@@ -56,7 +62,8 @@ pub struct PurchaseRequest {
     pub organization_id: Uuid,
     pub amount_cents: i64,
     pub currency: String,
-    pub payment_intent_id: String,
+    /// `None` only for a free checkout, which is keyed by its session alone.
+    pub payment_intent_id: Option<String>,
     pub checkout_session_id: String,
 }
 
@@ -137,10 +144,11 @@ impl PurchaseRequest {
             });
         }
 
-        let payment_intent_id = session
-            .payment_intent_id()
-            .ok_or_else(|| MetadataError::NoPaymentIntent(session.id.clone()))?
-            .to_owned();
+        let payment_intent_id = match session.payment_intent_id() {
+            Some(id) => Some(id.to_owned()),
+            None if session.is_free() => None,
+            None => return Err(MetadataError::NoPaymentIntent(session.id.clone())),
+        };
         Ok(Self {
             customer_id,
             content_id,
@@ -185,7 +193,7 @@ mod tests {
         let request = PurchaseRequest::from_session(&session(good())).unwrap();
         assert_eq!(request.amount_cents, 1999);
         assert_eq!(request.currency, "usd");
-        assert_eq!(request.payment_intent_id, "pi_1");
+        assert_eq!(request.payment_intent_id.as_deref(), Some("pi_1"));
     }
 
     #[test]
@@ -220,5 +228,25 @@ mod tests {
             PurchaseRequest::from_session(&s),
             Err(MetadataError::NoPaymentIntent(_))
         ));
+    }
+
+    #[test]
+    fn a_free_checkout_needs_no_payment_intent_but_a_zero_amount() {
+        let mut metadata = good();
+        metadata["amountPaidCents"] = json!("0");
+        let mut s = session(metadata);
+        s.payment_status = Some("no_payment_required".into());
+        s.amount_total = Some(0);
+        s.payment_intent = None;
+        assert!(s.is_free());
+        let request = PurchaseRequest::from_session(&s).unwrap();
+        assert_eq!((request.amount_cents, request.payment_intent_id), (0, None));
+
+        let mut s = session(good());
+        s.payment_status = Some("no_payment_required".into());
+        s.amount_total = Some(0);
+        s.payment_intent = None;
+        let error = PurchaseRequest::from_session(&s).unwrap_err();
+        assert!(matches!(error, MetadataError::AmountMismatch { metadata: 1999, .. }), "{error}");
     }
 }

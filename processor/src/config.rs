@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use shared::config::{BrokerArgs, LogArgs};
+use shared::config::{BrokerArgs, LogArgs, ModeArgs};
 
 #[derive(Clone, clap::Args)]
 pub struct DatabaseArgs {
@@ -55,6 +55,9 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
+    #[command(flatten)]
+    pub modes: ModeArgs,
+
     /// Deliveries RabbitMQ sends ahead of acknowledgements (basic.qos prefetch). Keep it at
     /// least PROCESSOR_BATCH_SIZE × PROCESSOR_CONCURRENCY for full batches.
     #[arg(long, env = "PROCESSOR_PREFETCH", default_value_t = 256,
@@ -80,15 +83,27 @@ pub struct WorkerArgs {
           value_parser = shared::config::parse_duration)]
     pub batch_wait: Duration,
 
-    /// Deliveries of one message after which RabbitMQ dead-letters it (a message that keeps
-    /// crashing the processor). Part of the work queue's arguments: changing it for an
-    /// existing queue needs the queue deleted or a policy.
-    #[arg(long, env = "PROCESSOR_DELIVERY_LIMIT", default_value_t = 5,
+    /// Deliveries of one message after which RabbitMQ itself dead-letters it: the last
+    /// resort, for when the database cannot count crashes (PROCESSOR_CRASH_LIMIT does that
+    /// first). A delivery counts even if the processor died before starting it, and every
+    /// crash returns up to PROCESSOR_PREFETCH messages, so this stays well above the number
+    /// of restarts a crash loop takes to diagnose. Part of the work queue's arguments:
+    /// changing it for an existing queue needs the queue deleted or a policy.
+    #[arg(long, env = "PROCESSOR_DELIVERY_LIMIT", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub delivery_limit: u32,
 
-    /// Delays between attempts after a transient failure, one delay queue each. Attempts
-    /// beyond the list wait the last delay.
+    /// Times the processor may die (or panic) while handling one event before that event is
+    /// dead-lettered with class `crash`. Counted in the database, and only for the event
+    /// being handled: a redelivered message is handled alone before its neighbours, so the
+    /// messages merely held in the prefetch buffer at a crash are never blamed.
+    #[arg(long, env = "PROCESSOR_CRASH_LIMIT", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub crash_limit: u32,
+
+    /// Delays between attempts after a transient failure, in order; a delay may repeat
+    /// (`5s,5s,30s`), and each distinct delay has one delay queue. Attempts beyond the list
+    /// wait the last delay.
     #[arg(long, env = "PROCESSOR_RETRY_DELAYS", default_value = "5s,30s,2m,10m,1h,6h",
           value_parser = parse_delays)]
     pub retry_delays: RetryDelays,
@@ -131,9 +146,6 @@ pub fn parse_delays(raw: &str) -> Result<RetryDelays, String> {
             return Err(format!(
                 "PROCESSOR_RETRY_DELAYS: `{part}` must be between 1ms and 7 days"
             ));
-        }
-        if delays.contains(&delay) {
-            return Err(format!("PROCESSOR_RETRY_DELAYS: `{part}` appears twice"));
         }
         delays.push(delay);
     }

@@ -76,14 +76,40 @@ pub enum ProcessError {
     NoPaymentIntent(&'static str),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The batch this event was in could not reach the database after waiting as a whole.
+    #[error("database unreachable: {0}")]
+    DatabaseUnreachable(String),
 }
 
 impl ProcessError {
+    /// Whether the database could not be reached at all (as opposed to refusing or losing a
+    /// transaction): every event would fail the same way, so the batch waits as a whole.
+    pub fn database_unreachable(&self) -> bool {
+        let error = match self {
+            Self::Database(error) => error,
+            Self::DatabaseUnreachable(_) => return true,
+            _ => return false,
+        };
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+            _ => false,
+        }
+    }
+
     pub fn class(&self) -> FailureClass {
         match self {
             Self::Database(error) => classify_database(error),
             // The purchase may arrive later (events come in any order); a race resolves itself.
-            Self::PurchaseNotYet { .. } | Self::Concurrent => FailureClass::Transient,
+            Self::PurchaseNotYet { .. } | Self::Concurrent | Self::DatabaseUnreachable(_) => {
+                FailureClass::Transient
+            }
             _ => FailureClass::Permanent,
         }
     }

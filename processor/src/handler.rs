@@ -8,6 +8,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::Value;
+use shared::config::EndpointModes;
 use shared::contract::EventMessage;
 use shared::envelope::EventEnvelope;
 use sqlx::{PgConnection, PgPool};
@@ -103,6 +104,7 @@ enum Plan {
     Dispute {
         payment_intent: String,
         status: String,
+        amount: Option<i64>,
     },
     Ignore(&'static str),
 }
@@ -131,6 +133,9 @@ struct Dispute {
     #[serde(default)]
     payment_intent: Option<Value>,
     status: String,
+    /// The disputed amount, in cents: what a lost dispute takes back.
+    #[serde(default)]
+    amount: Option<i64>,
 }
 
 fn object(envelope: &EventEnvelope) -> Result<&Value, ProcessError> {
@@ -158,7 +163,7 @@ fn plan(envelope: &EventEnvelope) -> Result<Plan, ProcessError> {
             let signal = match event_type {
                 ASYNC_SUCCEEDED => Signal::Paid,
                 ASYNC_FAILED => Signal::PaymentFailed,
-                _ if session.is_paid() => Signal::Paid,
+                _ if session.is_paid() || session.is_free() => Signal::Paid,
                 _ if session.payment_status.as_deref() == Some("unpaid") => Signal::Unpaid,
                 _ => return Ok(Plan::Ignore("checkout session needs no payment")),
             };
@@ -182,6 +187,7 @@ fn plan(envelope: &EventEnvelope) -> Result<Plan, ProcessError> {
             Ok(Plan::Dispute {
                 payment_intent,
                 status: dispute.status,
+                amount: dispute.amount,
             })
         }
         CHECKOUT_EXPIRED => Ok(Plan::Ignore("checkout session expired unpaid")),
@@ -204,18 +210,26 @@ fn created_at(envelope: &EventEnvelope) -> DateTime<Utc> {
 
 /// Handles one event in its own transaction. Safe to call any number of times for the same
 /// event, also concurrently: the effect happens once.
-pub async fn handle(pool: &PgPool, message: &EventMessage) -> Result<Outcome, ProcessError> {
+pub async fn handle(
+    pool: &PgPool,
+    message: &EventMessage,
+    modes: &EndpointModes,
+) -> Result<Outcome, ProcessError> {
     let mut tx = pool.begin().await?;
-    let outcome = handle_in(&mut tx, message).await?;
+    let outcome = handle_in(&mut tx, message, modes).await?;
     tx.commit().await?;
     Ok(outcome)
 }
 
 /// Handles one event inside the caller's transaction (the worker runs several events in one
 /// transaction, each under a savepoint). Nothing is final until the caller commits.
+///
+/// An event of the other mode than its endpoint's (`modes`) is recorded as ignored, with
+/// the mismatch as its note, and changes nothing else.
 pub async fn handle_in(
     conn: &mut PgConnection,
     message: &EventMessage,
+    modes: &EndpointModes,
 ) -> Result<Outcome, ProcessError> {
     let envelope = EventEnvelope::parse(&message.body)?;
     if envelope.id != message.event_id {
@@ -224,11 +238,19 @@ pub async fn handle_in(
             body_id: envelope.id,
         });
     }
-    let plan = plan(&envelope)?;
+    let plan = match modes.mismatch(&message.endpoint, envelope.livemode) {
+        Some(mismatch) => Plan::Ignore(mismatch),
+        None => plan(&envelope)?,
+    };
     let at = created_at(&envelope);
     let payload = events::payload_json(&message.body);
+    let received = events::Received {
+        livemode: envelope.livemode,
+        api_version: envelope.api_version.as_deref(),
+        payload: &payload,
+    };
 
-    let prior = events::claim(conn, message, envelope.livemode, &payload).await?;
+    let prior = events::claim(conn, message, received).await?;
     if EventStatus::is_done(&prior) {
         return Ok(Outcome::Duplicate);
     }
@@ -243,7 +265,7 @@ pub async fn handle_in(
                     purchase_id = %id,
                     customer_id = %request.customer_id,
                     content_id = %request.content_id,
-                    payment_intent = request.payment_intent_id,
+                    payment_intent = request.payment_intent_id.as_deref().unwrap_or("-"),
                     "customer paid again for content they own; purchase stored as requires_refund"
                 );
             }
@@ -253,14 +275,39 @@ pub async fn handle_in(
             payment_intent,
             amount_refunded,
             full,
-        } => Outcome::of(
-            purchases::apply_refund(conn, payment_intent, *amount_refunded, *full, at).await?,
-        ),
+        } => {
+            let change = purchases::apply_refund(
+                conn,
+                payment_intent,
+                *amount_refunded,
+                *full,
+                at,
+                &message.event_id,
+            )
+            .await?;
+            Outcome::of(change)
+        }
         Plan::Dispute {
             payment_intent,
             status,
-        } => Outcome::of(purchases::apply_dispute(conn, payment_intent, status, at).await?),
+            amount,
+        } => {
+            let change = purchases::apply_dispute(
+                conn,
+                payment_intent,
+                status,
+                *amount,
+                at,
+                &message.event_id,
+            )
+            .await?;
+            Outcome::of(change)
+        }
     };
-    events::finish(conn, &message.event_id, outcome.event_status()).await?;
+    let note = match outcome {
+        Outcome::Ignored(reason) => Some(reason),
+        _ => None,
+    };
+    events::finish(conn, &message.event_id, outcome.event_status(), note).await?;
     Ok(outcome)
 }

@@ -86,7 +86,11 @@ pub async fn sample_queues(
     shutdown: CancellationToken,
 ) {
     let mut queues = vec![topology.work_queue.clone(), topology.dead_queue.clone()];
-    queues.extend(retry_delays.iter().map(|d| topology.retry_queue(*d)));
+    queues.extend(
+        shared::topology::distinct_delays(&retry_delays)
+            .into_iter()
+            .map(|d| topology.retry_queue(d)),
+    );
     let mut ticker = tokio::time::interval(interval);
     // Skip the immediate first tick: by the next one the processor has declared its queues.
     ticker.tick().await;

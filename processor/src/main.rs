@@ -95,6 +95,8 @@ async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitC
         prefetch: worker.prefetch,
         concurrency: usize::from(worker.concurrency),
         delivery_limit: worker.delivery_limit,
+        crash_limit: worker.crash_limit,
+        modes: worker.modes.modes(),
         retry_delays: worker.retry_delays.0.clone(),
         max_attempts: worker.max_attempts(),
         shutdown_timeout: worker.shutdown_timeout,

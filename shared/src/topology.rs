@@ -56,8 +56,20 @@ pub struct QueueSettings {
     /// Deliveries after which the broker dead-letters a message that keeps crashing its
     /// consumer (`x-delivery-limit`).
     pub delivery_limit: u32,
-    /// One delay queue per entry.
+    /// The retry schedule; one delay queue per distinct delay in it.
     pub retry_delays: Vec<Duration>,
+}
+
+/// The delays of a retry schedule with repeats removed, in first-seen order: `5s,5s,30s`
+/// retries twice after 5 s and once after 30 s, through two delay queues.
+pub fn distinct_delays(schedule: &[Duration]) -> Vec<Duration> {
+    let mut distinct: Vec<Duration> = Vec::with_capacity(schedule.len());
+    for delay in schedule {
+        if !distinct.contains(delay) {
+            distinct.push(*delay);
+        }
+    }
+    distinct
 }
 
 impl Topology {
@@ -127,7 +139,7 @@ impl Topology {
         declare_queue(channel, &self.work_queue, work_args).await?;
         bind(channel, &self.work_queue, &self.exchange, "#").await?;
 
-        for delay in &settings.retry_delays {
+        for delay in distinct_delays(&settings.retry_delays) {
             // The delay forwarder returns a message that is not due yet (`nack` with
             // requeue), which counts as a delivery. RabbitMQ 4 gives quorum queues a default
             // delivery limit of 20 and, with no dead-letter exchange, drops a message past
@@ -137,7 +149,7 @@ impl Topology {
                 "x-delivery-limit".into(),
                 AMQPValue::LongLongInt(UNREACHABLE_DELIVERY_LIMIT),
             );
-            declare_queue(channel, &self.retry_queue(*delay), args).await?;
+            declare_queue(channel, &self.retry_queue(delay), args).await?;
         }
         Ok(())
     }
@@ -145,7 +157,11 @@ impl Topology {
     /// Removes everything [`Topology::declare`] made. For tests and teardown only.
     pub async fn delete(&self, channel: &Channel, retry_delays: &[Duration]) -> lapin::Result<()> {
         let mut queues = vec![self.work_queue.clone(), self.dead_queue.clone()];
-        queues.extend(retry_delays.iter().map(|d| self.retry_queue(*d)));
+        queues.extend(
+            distinct_delays(retry_delays)
+                .into_iter()
+                .map(|d| self.retry_queue(d)),
+        );
         for queue in queues {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -36,11 +36,43 @@ impl EventStatus {
     }
 }
 
-/// The body as JSON for the `payload` column; a body that is not JSON (it cannot come from
-/// ingest, but a hand-published message could be anything) is kept as a JSON string.
+/// The body as JSON for the queryable `payload` column; a body that is not JSON (it cannot
+/// come from ingest, but a hand-published message could be anything) is kept as a JSON
+/// string. `jsonb` refuses the character U+0000, which JSON allows (`\u0000`), so it is
+/// replaced by U+FFFD here; the `body` column keeps the exact bytes.
 pub fn payload_json(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    let mut value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+    replace_nul(&mut value);
+    value
+}
+
+fn replace_nul(value: &mut Value) {
+    const NUL: char = '\u{0}';
+    match value {
+        Value::String(text) if text.contains(NUL) => *text = text.replace(NUL, "\u{FFFD}"),
+        Value::Array(items) => items.iter_mut().for_each(replace_nul),
+        Value::Object(map) => {
+            if map.keys().any(|key| key.contains(NUL)) {
+                let entries = std::mem::take(map);
+                for (key, mut item) in entries {
+                    replace_nul(&mut item);
+                    map.insert(key.replace(NUL, "\u{FFFD}"), item);
+                }
+            } else {
+                map.values_mut().for_each(replace_nul);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What the event log keeps of a delivery besides its id and type.
+#[derive(Debug, Clone, Copy)]
+pub struct Received<'a> {
+    pub livemode: bool,
+    pub api_version: Option<&'a str>,
+    pub payload: &'a Value,
 }
 
 /// Records a delivery of the event and locks its row until the transaction ends. Returns
@@ -49,39 +81,71 @@ pub fn payload_json(body: &[u8]) -> Value {
 pub async fn claim(
     conn: &mut PgConnection,
     message: &EventMessage,
-    livemode: bool,
-    payload: &Value,
+    received: Received<'_>,
 ) -> Result<String, sqlx::Error> {
+    // A row first written by `strike` or `record_failure` gets its full record here.
     sqlx::query_scalar(
-        "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, status, attempts, received_at)
-         VALUES ($1, $2, $3, $4, $5, 'received', 1, $6)
+        "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, body, api_version, status, attempts, received_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'received', 1, $8)
          ON CONFLICT (id) DO UPDATE
-            SET attempts = stripe_events.attempts + 1, updated_at = now()
+            SET attempts = stripe_events.attempts + 1, updated_at = now(),
+                body = COALESCE(stripe_events.body, EXCLUDED.body),
+                api_version = COALESCE(stripe_events.api_version, EXCLUDED.api_version),
+                livemode = EXCLUDED.livemode
          RETURNING status",
     )
     .bind(&message.event_id)
     .bind(&message.event_type)
     .bind(&message.endpoint)
-    .bind(livemode)
-    .bind(payload)
+    .bind(received.livemode)
+    .bind(received.payload)
+    .bind(&message.body)
+    .bind(received.api_version)
     .bind(message.received_at)
     .fetch_one(conn)
     .await
 }
 
+/// Counts a start of handling of a delivery that the broker gave back (the processor died,
+/// or panicked, holding it), committed before the handling starts. Returns the count, or
+/// `None` when the event is done already (a leftover duplicate, nothing to count).
+/// Handling that ends, in success or failure, sets the count back to 0.
+pub async fn strike(pool: &PgPool, message: &EventMessage) -> Result<Option<i32>, sqlx::Error> {
+    let payload = payload_json(&message.body);
+    sqlx::query_scalar(
+        "INSERT INTO stripe_events (id, type, endpoint, payload, body, status, attempts, received_at, crash_strikes)
+         VALUES ($1, $2, $3, $4, $5, 'received', 0, $6, 1)
+         ON CONFLICT (id) DO UPDATE
+            SET crash_strikes = stripe_events.crash_strikes + 1, updated_at = now()
+          WHERE stripe_events.status NOT IN ('processed', 'ignored')
+         RETURNING crash_strikes",
+    )
+    .bind(&message.event_id)
+    .bind(&message.event_type)
+    .bind(&message.endpoint)
+    .bind(&payload)
+    .bind(&message.body)
+    .bind(message.received_at)
+    .fetch_optional(pool)
+    .await
+}
+
 /// Marks the event done, in the transaction that did its work.
+/// `note` is kept in `last_error`: why an event was ignored.
 pub async fn finish(
     conn: &mut PgConnection,
     event_id: &str,
     status: EventStatus,
+    note: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE stripe_events
-            SET status = $2, last_error = NULL, processed_at = now(), updated_at = now()
+            SET status = $2, last_error = $3, crash_strikes = 0, processed_at = now(), updated_at = now()
           WHERE id = $1",
     )
     .bind(event_id)
     .bind(status.as_str())
+    .bind(note)
     .execute(conn)
     .await
     .map(|_| ())
@@ -105,11 +169,12 @@ pub async fn record_failure(
     error: &str,
 ) -> Result<(), sqlx::Error> {
     const QUERY: &str =
-        "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, status, attempts, last_error, received_at)
-         VALUES ($1, $2, $3, $8, $5, $4, 1, $6, $7)
+        "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, status, attempts, last_error, received_at, body)
+         VALUES ($1, $2, $3, $8, $5, $4, 1, $6, $7, $9)
          ON CONFLICT (id) DO UPDATE
             SET status = EXCLUDED.status, last_error = EXCLUDED.last_error,
-                attempts = stripe_events.attempts + 1, updated_at = now()
+                attempts = stripe_events.attempts + 1, crash_strikes = 0, updated_at = now(),
+                body = COALESCE(stripe_events.body, EXCLUDED.body)
           WHERE stripe_events.status NOT IN ('processed', 'ignored')";
     let payload = payload_json(&message.body);
     let livemode = payload
@@ -125,7 +190,24 @@ pub async fn record_failure(
         .bind(error)
         .bind(message.received_at)
         .bind(livemode)
+        .bind(&message.body)
         .execute(pool)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_replaces_what_jsonb_refuses() {
+        let body = br#"{"a":"x\u0000y","b":[{"\u0000k":"\u0000"}],"c":"\u00e9"}"#;
+        let payload = payload_json(body);
+        let text = payload.to_string();
+        assert!(!text.contains("\\u0000"), "{text}");
+        assert_eq!(payload["a"], "x\u{FFFD}y");
+        assert_eq!(payload["b"][0]["\u{FFFD}k"], "\u{FFFD}");
+        assert_eq!(payload["c"], "\u{e9}");
+    }
 }

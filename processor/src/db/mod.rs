@@ -1,5 +1,7 @@
 //! PostgreSQL access: the pool, migrations, and the queries, one module per table group.
 
+pub mod access;
+pub mod adjustments;
 pub mod events;
 pub mod purchases;
 

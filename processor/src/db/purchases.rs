@@ -1,9 +1,12 @@
-//! Purchases, their revenue-split snapshot and the access they grant.
+//! Purchases: their creation with the revenue-split snapshot, and every move of the
+//! lifecycle ([`crate::lifecycle`]) with the access and money adjustments that go with it.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::access;
+use super::adjustments::{self, Adjustment, Kind};
 use crate::checkout::PurchaseRequest;
 use crate::error::ProcessError;
 use crate::lifecycle::{self, Signal, Status};
@@ -56,7 +59,7 @@ pub const PAYMENT_RECORDED_SQL: &str =
 
 async fn lock(
     conn: &mut PgConnection,
-    payment_intent: &str,
+    payment_intent: Option<&str>,
     session: Option<&str>,
 ) -> Result<Option<Locked>, ProcessError> {
     let row = sqlx::query(LOCK_SQL)
@@ -149,12 +152,13 @@ pub async fn apply_session(
     at: DateTime<Utc>,
     event_id: &str,
 ) -> Result<Change, ProcessError> {
+    access::lock_ownership(conn, request.customer_id, request.content_id).await?;
     // Twice at most: if another transaction records this payment between our look and our
     // insert, the second round finds its row and applies this event to it.
     for _ in 0..2 {
         let existing = lock(
             conn,
-            &request.payment_intent_id,
+            request.payment_intent_id.as_deref(),
             Some(&request.checkout_session_id),
         )
         .await?;
@@ -234,12 +238,12 @@ async fn create(
     // transaction recorded this payment first) or, for a completed purchase, one completed
     // purchase per customer and content (a double payment, kept for a refund).
     if let Some(id) = insert(target).fetch_optional(&mut *conn).await? {
-        sync_access(
+        access::sync(
             conn,
             id,
             request.customer_id,
             request.content_id,
-            lifecycle::grants_access(target, None),
+            lifecycle::grants_access(target),
         )
         .await?;
         return Ok(Some(Change::Created { id, status: target }));
@@ -268,13 +272,18 @@ async fn transition(
     let Some(mut to) = lifecycle::next(Some(purchase.status), signal) else {
         return Ok(Change::Unchanged);
     };
-    if to == Status::Completed && owns_elsewhere(conn, &purchase).await? {
+    if to == Status::Completed
+        && access::owned_elsewhere(conn, purchase.customer_id, purchase.content_id, purchase.id)
+            .await?
+    {
         to = Status::RequiresRefund;
     }
     move_to(conn, &purchase, to, at).await
 }
 
-/// Sets a new status and the access that goes with it.
+/// Sets a new status and the access that goes with it. When the purchase that gave access
+/// leaves `completed`, a paid twin takes over (lifecycle note ⁵); the caller holds the
+/// ownership lock.
 async fn move_to(
     conn: &mut PgConnection,
     purchase: &Locked,
@@ -282,15 +291,29 @@ async fn move_to(
     at: DateTime<Utc>,
 ) -> Result<Change, ProcessError> {
     set_status(conn, purchase.id, to, at).await?;
-    let grants = lifecycle::grants_access(to, purchase.dispute_status.as_deref());
-    sync_access(
-        conn,
-        purchase.id,
-        purchase.customer_id,
-        purchase.content_id,
-        grants,
-    )
-    .await?;
+    let (customer, content) = (purchase.customer_id, purchase.content_id);
+    let twin = if purchase.status == Status::Completed && to != Status::Completed {
+        access::twin_for(conn, customer, content, purchase.id).await?
+    } else {
+        None
+    };
+    match twin {
+        Some(twin) => {
+            set_status(conn, twin, Status::Completed, at).await?;
+            access::transfer(conn, customer, content, twin).await?;
+            tracing::info!(
+                purchase_id = %purchase.id,
+                twin_id = %twin,
+                customer_id = %customer,
+                content_id = %content,
+                "the purchase giving access left `completed`; its paid twin takes over"
+            );
+        }
+        None => {
+            let grants = lifecycle::grants_access(to);
+            access::sync(conn, purchase.id, customer, content, grants).await?;
+        }
+    }
     Ok(Change::Moved {
         id: purchase.id,
         from: purchase.status,
@@ -308,6 +331,7 @@ async fn set_status(
         "UPDATE purchases
             SET status = $2,
                 refunded_at = CASE WHEN $2 = 'refunded' THEN COALESCE(refunded_at, $3) ELSE refunded_at END,
+                charged_back_at = CASE WHEN $2 = 'charged_back' THEN COALESCE(charged_back_at, $3) ELSE charged_back_at END,
                 updated_at = now()
           WHERE id = $1",
     )
@@ -319,62 +343,70 @@ async fn set_status(
     .map(|_| ())
 }
 
-/// Whether the customer owns the content through another completed purchase.
-async fn owns_elsewhere(conn: &mut PgConnection, purchase: &Locked) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM purchases
-                         WHERE customer_id = $1 AND content_id = $2 AND status = 'completed' AND id <> $3)",
-    )
-    .bind(purchase.customer_id)
-    .bind(purchase.content_id)
-    .bind(purchase.id)
-    .fetch_one(conn)
-    .await
-}
-
-/// The purchase a refund or dispute is about. Its absence is transient: events come in any
-/// order, and the purchase may still arrive.
+/// The purchase a refund or dispute is about, locked after its ownership lock. Its absence
+/// is transient: events come in any order, and the purchase may still arrive.
 async fn lock_required(
     conn: &mut PgConnection,
     payment_intent: &str,
     event: &'static str,
 ) -> Result<Locked, ProcessError> {
-    lock(conn, payment_intent, None)
+    let not_yet = || ProcessError::PurchaseNotYet {
+        payment_intent: payment_intent.to_owned(),
+        event,
+    };
+    // Customer and content never change, so they can be read before any lock.
+    let owner: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT customer_id, content_id FROM purchases WHERE stripe_payment_intent_id = $1",
+    )
+    .bind(payment_intent)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (customer, content) = owner.ok_or_else(not_yet)?;
+    access::lock_ownership(conn, customer, content).await?;
+    lock(conn, Some(payment_intent), None)
         .await?
-        .ok_or_else(|| ProcessError::PurchaseNotYet {
-            payment_intent: payment_intent.to_owned(),
-            event,
-        })
+        .ok_or_else(not_yet)
 }
 
 /// Applies a `charge.refunded`: the refunded amount (cumulative at Stripe, so the largest
-/// seen wins), and for a full refund the move to `refunded`, which takes access away.
+/// seen wins, and only what it adds is recorded), and for a full refund the move to
+/// `refunded`, which takes access away.
 pub async fn apply_refund(
     conn: &mut PgConnection,
     payment_intent: &str,
     amount_refunded: i64,
     full: bool,
     at: DateTime<Utc>,
+    event_id: &str,
 ) -> Result<Change, ProcessError> {
     let purchase = lock_required(conn, payment_intent, "refund").await?;
-    let amount =
-        i32::try_from(amount_refunded.clamp(0, i64::from(purchase.amount_paid_cents))).unwrap_or(0);
-    let refunded = purchase.refunded_amount_cents.max(amount);
+    let paid = i64::from(purchase.amount_paid_cents);
+    // A full refund returns everything, whatever amount the event spells out.
+    let amount = if full {
+        paid
+    } else {
+        amount_refunded.clamp(0, paid)
+    };
+    let amount = i32::try_from(amount).unwrap_or(purchase.amount_paid_cents);
+    let grows = amount > purchase.refunded_amount_cents;
     let to = if full {
         lifecycle::next(Some(purchase.status), Signal::FullRefund)
     } else {
         None
     };
-    if refunded == purchase.refunded_amount_cents && to.is_none() {
+    if !grows && to.is_none() {
         return Ok(Change::Unchanged);
     }
-    sqlx::query(
-        "UPDATE purchases SET refunded_amount_cents = $2, updated_at = now() WHERE id = $1",
-    )
-    .bind(purchase.id)
-    .bind(refunded)
-    .execute(&mut *conn)
-    .await?;
+    if grows {
+        let adjustment = Adjustment {
+            purchase_id: purchase.id,
+            kind: Kind::Refund,
+            amount_cents: amount - purchase.refunded_amount_cents,
+            stripe_event_id: event_id,
+            occurred_at: at,
+        };
+        adjustments::record_refund(conn, adjustment, amount).await?;
+    }
     let Some(to) = to else {
         return Ok(Change::Updated { id: purchase.id });
     };
@@ -382,12 +414,15 @@ pub async fn apply_refund(
 }
 
 /// Applies a `charge.dispute.*`: records Stripe's dispute status (closed statuses are final;
-/// among open ones the latest event wins); a lost dispute takes access away.
+/// among open ones the latest event wins). A lost dispute is a chargeback: its disputed
+/// amount is recorded once, and the purchase moves to `charged_back`.
 pub async fn apply_dispute(
     conn: &mut PgConnection,
     payment_intent: &str,
     dispute_status: &str,
+    disputed_amount: Option<i64>,
     at: DateTime<Utc>,
+    event_id: &str,
 ) -> Result<Change, ProcessError> {
     let purchase = lock_required(conn, payment_intent, "dispute").await?;
     let stored = purchase
@@ -405,16 +440,23 @@ pub async fn apply_dispute(
         .bind(at)
         .execute(&mut *conn)
         .await?;
-    let grants = lifecycle::grants_access(purchase.status, Some(dispute_status));
-    sync_access(
-        conn,
-        purchase.id,
-        purchase.customer_id,
-        purchase.content_id,
-        grants,
-    )
-    .await?;
-    Ok(Change::Updated { id: purchase.id })
+    if dispute_status != lifecycle::DISPUTE_LOST {
+        return Ok(Change::Updated { id: purchase.id });
+    }
+    let paid = i64::from(purchase.amount_paid_cents);
+    let amount = disputed_amount.unwrap_or(paid).clamp(0, paid);
+    let adjustment = Adjustment {
+        purchase_id: purchase.id,
+        kind: Kind::Chargeback,
+        amount_cents: i32::try_from(amount).unwrap_or(purchase.amount_paid_cents),
+        stripe_event_id: event_id,
+        occurred_at: at,
+    };
+    adjustments::record_chargeback(conn, adjustment).await?;
+    match lifecycle::next(Some(purchase.status), Signal::DisputeLost) {
+        Some(to) => move_to(conn, &purchase, to, at).await,
+        None => Ok(Change::Updated { id: purchase.id }),
+    }
 }
 
 fn cents(value: i64) -> i32 {
@@ -431,37 +473,4 @@ async fn payment_recorded(
         .bind(&request.checkout_session_id)
         .fetch_one(conn)
         .await
-}
-
-/// Makes the customer's access match what this purchase grants. Granting re-activates a
-/// revoked grant; revoking touches only a grant that came from this purchase, so a refunded
-/// double payment never takes away the access the customer paid for once.
-async fn sync_access(
-    conn: &mut PgConnection,
-    purchase_id: Uuid,
-    customer_id: Uuid,
-    content_id: Uuid,
-    grant: bool,
-) -> Result<(), sqlx::Error> {
-    if grant {
-        sqlx::query(
-            "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
-             VALUES ($1, $2, $3, $4, 'purchase')
-             ON CONFLICT (user_id, content_id) DO UPDATE
-                SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
-              WHERE content_access.revoked_at IS NOT NULL",
-        )
-        .bind(Uuid::new_v4())
-        .bind(customer_id)
-        .bind(content_id)
-        .bind(purchase_id)
-        .execute(conn)
-        .await?;
-    } else {
-        sqlx::query("UPDATE content_access SET revoked_at = now() WHERE purchase_id = $1 AND revoked_at IS NULL")
-            .bind(purchase_id)
-            .execute(conn)
-            .await?;
-    }
-    Ok(())
 }

@@ -20,6 +20,7 @@ struct EventRow {
     event_type: String,
     endpoint: String,
     livemode: bool,
+    api_version: Option<String>,
     status: String,
     attempts: i32,
     last_error: Option<String>,
@@ -40,7 +41,7 @@ struct PurchaseRow {
 pub async fn show(database: &DatabaseArgs, event_id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let pool = db::pool(database)?;
     let event: Option<EventRow> = sqlx::query_as(
-        "SELECT id, type, endpoint, livemode, status, attempts, last_error, received_at, processed_at, updated_at
+        "SELECT id, type, endpoint, livemode, api_version, status, attempts, last_error, received_at, processed_at, updated_at
            FROM stripe_events WHERE id = $1",
     )
     .bind(event_id)
@@ -67,6 +68,10 @@ pub async fn show(database: &DatabaseArgs, event_id: &str, json: bool) -> anyhow
         "endpoint:   {}{}",
         event.endpoint,
         if event.livemode { " (live mode)" } else { "" }
+    );
+    println!(
+        "api version: {}",
+        event.api_version.as_deref().unwrap_or("(not recorded)")
     );
     println!("received:   {}", event.received_at);
     println!("attempts:   {} deliveries", event.attempts);
@@ -104,26 +109,27 @@ pub async fn replay(
     let channel = confirm_channel(&connection).await?;
     let mut missing = 0;
     for event_id in event_ids {
-        let row: Option<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT type, endpoint, payload::text, received_at FROM stripe_events WHERE id = $1",
+        // The bytes Stripe signed. Rows from before they were kept have only the parsed
+        // JSON, which the processor reads the same way.
+        let row: Option<(String, String, Vec<u8>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT type, endpoint, COALESCE(body, convert_to(payload::text, 'UTF8')), received_at
+               FROM stripe_events WHERE id = $1",
         )
         .bind(event_id)
         .fetch_optional(&pool)
         .await?;
-        let Some((event_type, endpoint, payload, received_at)) = row else {
+        let Some((event_type, endpoint, body, received_at)) = row else {
             eprintln!("no event {event_id} in stripe_events");
             missing += 1;
             continue;
         };
-        // The stored payload is the parsed JSON, not the original bytes; the signature was
-        // checked when the event came in, and the processor reads the JSON.
         let message = EventMessage {
             event_id: event_id.clone(),
             event_type,
             endpoint,
             received_at,
             attempt: 1,
-            body: payload.into_bytes(),
+            body,
         };
         let properties = replayed(&message.properties()?, Utc::now());
         to_work_queue(&channel, &topology, &message.body, properties).await?;

@@ -49,7 +49,11 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<ExitCode> {
         .timeout(Duration::from_secs(2))
         .build()?;
     let mut queues = vec![topology.work_queue.clone()];
-    queues.extend(args.retry_delays.0.iter().map(|d| topology.retry_queue(*d)));
+    queues.extend(
+        shared::topology::distinct_delays(&args.retry_delays.0)
+            .into_iter()
+            .map(|d| topology.retry_queue(d)),
+    );
     queues.push(topology.dead_queue.clone());
 
     let mut previous = sample(&connection, &topology, &queues, &http, &args.metrics_urls).await?;

@@ -5,7 +5,9 @@
 //! fails is rolled back alone and never fails its neighbours. Every delivery is settled only
 //! after the commit that holds its effect. If the transaction as a whole fails (connection
 //! lost, deadlock with another batch, failed commit), each event is run again on its own,
-//! so a bad neighbour or an unlucky lock order never costs the others a retry delay.
+//! so a bad neighbour or an unlucky lock order never costs the others a retry delay. If the
+//! database cannot be reached at all, running events one by one would only wait out one
+//! acquire timeout per event: the batch waits as a whole instead, with growing delays.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,11 @@ use tracing::Instrument;
 
 use super::Context;
 use super::hooks::{TestHook, crash};
-use super::settle::{ack, already_dead_lettered, conclude, dead_letter_malformed};
+use super::settle::{
+    ack, already_dead_lettered, conclude, dead_letter_crashed, dead_letter_malformed,
+    nack_requeue,
+};
+use crate::db::events;
 use crate::error::{FailureClass, ProcessError};
 use crate::handler::{self, Outcome};
 
@@ -31,7 +37,20 @@ struct Work {
 /// one by one, so that only the one that panics goes back to the broker (which counts it
 /// toward the delivery limit) and its neighbours are not held hostage.
 pub(super) async fn run(context: &Context, deliveries: Vec<Delivery>) {
+    // A redelivered message comes alone (see `collect`), and such messages are handled one
+    // at a time, so that a crash while handling one blames that one only.
+    let _suspect = match deliveries.as_slice() {
+        [only] if only.redelivered => context.suspects.acquire().await.ok(),
+        _ => None,
+    };
     let copies: Vec<Delivery> = deliveries.iter().map(copy).collect();
+    if copies.len() == 1 {
+        let acker = copies[0].acker.clone();
+        if !survives(handle_batch(context, deliveries)).await {
+            reject_panicked(acker).await;
+        }
+        return;
+    }
     if !survives(handle_batch(context, deliveries)).await {
         tracing::error!(
             size = copies.len(),
@@ -40,12 +59,17 @@ pub(super) async fn run(context: &Context, deliveries: Vec<Delivery>) {
         for delivery in copies.into_iter().filter(|d| d.acker.usable()) {
             let acker = delivery.acker.clone();
             if !survives(handle_batch(context, vec![delivery])).await {
-                tracing::error!("an event's handler panicked; returning it to the queue");
-                metrics::counter!("processor_messages_total", "outcome" => "panicked").increment(1);
-                let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+                reject_panicked(acker).await;
             }
         }
     }
+}
+
+/// Back to the queue: redelivered, it is handled alone and its crash count grows.
+async fn reject_panicked(acker: lapin::Acker) {
+    tracing::error!("an event's handler panicked; returning it to the queue");
+    metrics::counter!("processor_messages_total", "outcome" => "panicked").increment(1);
+    let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
 }
 
 async fn survives(work: impl std::future::Future<Output = ()>) -> bool {
@@ -79,18 +103,46 @@ async fn handle_batch(context: &Context, deliveries: Vec<Delivery>) {
     }
     let started = Instant::now();
     let messages: Vec<&EventMessage> = ready.iter().map(|w| &w.message).collect();
-    let results = match in_one_transaction(&context.pool, &messages).await {
-        Ok(results) => results,
-        Err(error) if ready.len() > 1 => {
-            tracing::warn!(%error, size = ready.len(), "batch transaction failed; handling its events one by one");
-            metrics::counter!("processor_batches_split_total").increment(1);
-            let mut results = Vec::with_capacity(ready.len());
-            for message in &messages {
-                results.push(handler::handle(&context.pool, message).await);
+    let modes = &context.settings.modes;
+    let mut waits = shared::broker::reconnect_delays(UNREACHABLE_MAX_WAIT).take(UNREACHABLE_WAITS);
+    let results = loop {
+        match in_one_transaction(&context.pool, &messages, modes).await {
+            Ok(results) => break results,
+            Err(error) if error.database_unreachable() => {
+                let Some(delay) = waits.next() else {
+                    // Still down: every event of the batch takes the retry path together,
+                    // none of them trying the database again on its own.
+                    let text = error.to_string();
+                    break messages
+                        .iter()
+                        .map(|_| Err(ProcessError::DatabaseUnreachable(text.clone())))
+                        .collect();
+                };
+                tracing::warn!(%error, size = ready.len(), retry_in = ?delay, "database unreachable; the batch waits as a whole");
+                metrics::counter!("processor_batch_waits_total", "reason" => "database_unreachable")
+                    .increment(1);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = context.shutdown.cancelled() => {
+                        // Nothing of it was committed: back to the queue, for whoever runs next.
+                        for work in &ready {
+                            nack_requeue(&work.delivery).await;
+                        }
+                        return;
+                    }
+                }
             }
-            results
+            Err(error) if ready.len() > 1 => {
+                tracing::warn!(%error, size = ready.len(), "batch transaction failed; handling its events one by one");
+                metrics::counter!("processor_batches_split_total").increment(1);
+                let mut results = Vec::with_capacity(ready.len());
+                for message in &messages {
+                    results.push(handler::handle(&context.pool, message, modes).await);
+                }
+                break results;
+            }
+            Err(error) => break vec![Err(error)],
         }
-        Err(error) => vec![Err(error)],
     };
     // Everything in the batch waited for the same commit.
     let elapsed = started.elapsed();
@@ -112,6 +164,12 @@ fn span_of(message: &EventMessage) -> tracing::Span {
     )
 }
 
+/// How a batch waits while the database is unreachable: a few growing delays (200 ms,
+/// then about 0.4, 0.8, 1.6 s), then its events go to their retry tier together, so an
+/// outage costs each event one attempt, not one acquire timeout per event and per try.
+const UNREACHABLE_WAITS: usize = 4;
+const UNREACHABLE_MAX_WAIT: Duration = Duration::from_secs(2);
+
 /// Reads a delivery and decides whether it goes to the database at all.
 async fn admit(context: &Context, delivery: Delivery) -> Option<Work> {
     let message = match EventMessage::from_delivery(
@@ -125,6 +183,25 @@ async fn admit(context: &Context, delivery: Delivery) -> Option<Work> {
             return None;
         }
     };
+    if delivery.redelivered {
+        if already_dead_lettered(&context.pool, &delivery, &message).await {
+            // We died after moving it to the dead-letter queue but before the ack: the copy
+            // is there, so this one goes.
+            tracing::info!(
+                event_id = message.event_id,
+                "redelivered after its dead-lettering; acking the leftover"
+            );
+            metrics::counter!("processor_messages_total", "outcome" => "leftover").increment(1);
+            ack(&delivery).await;
+            return None;
+        }
+        if let Some(strikes) = count_start(context, &message).await
+            && strikes > context.settings.crash_limit
+        {
+            dead_letter_crashed(context, &delivery, message, strikes - 1).await;
+            return None;
+        }
+    }
     match &context.settings.test_hook {
         Some(TestHook::CrashOnEvent(id)) if *id == message.event_id => crash("crash-on-event"),
         Some(TestHook::PanicOnEvent(id)) if *id == message.event_id => {
@@ -132,18 +209,32 @@ async fn admit(context: &Context, delivery: Delivery) -> Option<Work> {
         }
         _ => {}
     }
-    if delivery.redelivered && already_dead_lettered(&context.pool, &delivery, &message).await {
-        // We died after moving it to the dead-letter queue but before the ack: the copy is
-        // there, so this one goes.
-        tracing::info!(
-            event_id = message.event_id,
-            "redelivered after its dead-lettering; acking the leftover"
-        );
-        metrics::counter!("processor_messages_total", "outcome" => "leftover").increment(1);
-        ack(&delivery).await;
-        return None;
-    }
     Some(Work { delivery, message })
+}
+
+/// Counts this start of handling a redelivered message (see `events::strike`). `None`
+/// when it cannot be counted (database down: the broker's delivery limit is the backstop)
+/// or needs no counting (the event is done already).
+async fn count_start(context: &Context, message: &EventMessage) -> Option<u32> {
+    let strike = tokio::time::timeout(
+        Duration::from_secs(2),
+        events::strike(&context.pool, message),
+    )
+    .await;
+    match strike {
+        Ok(Ok(strikes)) => strikes.and_then(|s| u32::try_from(s).ok()),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, event_id = message.event_id, "could not count the start of a redelivered event");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                event_id = message.event_id,
+                "timed out counting the start of a redelivered event"
+            );
+            None
+        }
+    }
 }
 
 /// Runs every message under its own savepoint in one transaction. `Err` means the
@@ -157,6 +248,7 @@ async fn admit(context: &Context, delivery: Delivery) -> Option<Work> {
 async fn in_one_transaction(
     pool: &PgPool,
     messages: &[&EventMessage],
+    modes: &shared::config::EndpointModes,
 ) -> Result<Vec<Result<Outcome, ProcessError>>, ProcessError> {
     let mut tx = pool.begin().await?;
     let alone = messages.len() == 1;
@@ -166,7 +258,7 @@ async fn in_one_transaction(
     let mut results = Vec::with_capacity(messages.len());
     for (index, message) in messages.iter().enumerate() {
         let more = index + 1 < messages.len();
-        match handler::handle_in(&mut tx, message).await {
+        match handler::handle_in(&mut tx, message, modes).await {
             Ok(outcome) => {
                 if more {
                     // Both in one round trip (simple query protocol).

@@ -14,8 +14,14 @@
 //!   dead-letter exchange, then the original is acked;
 //! - the copy could not be confirmed: nack with requeue, so nothing is lost (it may run again,
 //!   which is harmless: handling is idempotent);
-//! - the processor dies holding it: RabbitMQ redelivers it, and dead-letters it itself once
-//!   the work queue's delivery limit is reached (class `crash` for the ops tools);
+//! - the processor dies holding it: RabbitMQ redelivers it. A redelivered message is
+//!   handled alone (one at a time), after counting the start in the database
+//!   (`stripe_events.crash_strikes`); past `crash_limit` starts that never ended it is
+//!   dead-lettered with class `crash` instead. Only the message being handled is blamed,
+//!   never the ones that merely waited in the prefetch buffer. The work queue's delivery
+//!   limit stays as the last resort, for when the database cannot count;
+//! - the database is unreachable: the batch waits as a whole with growing delays, holding
+//!   its messages unacknowledged, and goes back to the queue on shutdown;
 //! - redelivered although its dead-letter copy was confirmed (we died before the ack): ack.
 //!
 //! Publish-with-confirm first, ack second: a crash between the two may duplicate a message,
@@ -54,6 +60,10 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     pub concurrency: usize,
     pub delivery_limit: u32,
+    /// Starts of handling one event that may end in a crash before it is dead-lettered.
+    pub crash_limit: u32,
+    /// Which Stripe mode each endpoint accepts.
+    pub modes: shared::config::EndpointModes,
     pub retry_delays: Vec<Duration>,
     pub max_attempts: u32,
     pub shutdown_timeout: Duration,
@@ -87,6 +97,9 @@ struct Context {
     /// Confirm-mode channel for retry and dead-letter copies; replaced when it misbehaves.
     publish: std::sync::Mutex<Channel>,
     connection: Arc<Connection>,
+    /// Redelivered messages are handled one at a time: see the module docs.
+    suspects: Semaphore,
+    shutdown: CancellationToken,
 }
 
 enum SessionEnd {
@@ -191,19 +204,22 @@ impl Worker {
             settings: settings.clone(),
             publish: std::sync::Mutex::new(publish),
             connection: Arc::clone(&connection),
+            suspects: Semaphore::new(1),
+            shutdown: shutdown.clone(),
         });
         let stop_forwarding = CancellationToken::new();
         let mut forwarders = JoinSet::new();
-        for delay in &settings.retry_delays {
+        for delay in shared::topology::distinct_delays(&settings.retry_delays) {
             forwarders.spawn(delay::forward(
                 Arc::clone(&context),
-                settings.topology.retry_queue(*delay),
-                *delay,
+                settings.topology.retry_queue(delay),
+                delay,
                 stop_forwarding.clone(),
             ));
         }
         let permits = Arc::new(Semaphore::new(settings.concurrency));
         let mut tasks = JoinSet::new();
+        let mut held = None;
         let end = loop {
             while let Some(done) = tasks.try_join_next() {
                 log_panic(done);
@@ -215,7 +231,7 @@ impl Worker {
                 },
                 () = shutdown.cancelled() => break SessionEnd::Shutdown,
             };
-            let (batch, end) = collect(&mut consumer, settings.batch, shutdown).await;
+            let (batch, end) = collect(&mut consumer, &mut held, settings.batch, shutdown).await;
             if !batch.is_empty() {
                 let context = Arc::clone(&context);
                 tasks.spawn(async move {
@@ -252,17 +268,30 @@ impl Worker {
 
 /// Waits for a first delivery, then gathers more until the batch is full or the first one
 /// has waited `limits.wait`. Returns the batch and, when consuming must stop, why.
+///
+/// A redelivered message makes a batch of its own: it may be the one that crashed the
+/// processor, and it must not take neighbours down with it again. One met while gathering
+/// waits in `held` for the next call.
 async fn collect(
     consumer: &mut Consumer,
+    held: &mut Option<Delivery>,
     limits: BatchLimits,
     shutdown: &CancellationToken,
 ) -> (Vec<Delivery>, Option<SessionEnd>) {
     let mut batch = Vec::with_capacity(limits.size);
+    if let Some(suspect) = held.take() {
+        batch.push(suspect);
+        return (batch, None);
+    }
     let first = tokio::select! {
         delivery = consumer.next() => delivery,
         () = shutdown.cancelled() => return (batch, Some(SessionEnd::Shutdown)),
     };
     match next_delivery(first) {
+        Ok(delivery) if delivery.redelivered => {
+            batch.push(delivery);
+            return (batch, None);
+        }
         Ok(delivery) => batch.push(delivery),
         Err(end) => return (batch, Some(end)),
     }
@@ -278,6 +307,10 @@ async fn collect(
             () = shutdown.cancelled() => return (batch, Some(SessionEnd::Shutdown)),
         };
         match next_delivery(delivery) {
+            Ok(delivery) if delivery.redelivered => {
+                *held = Some(delivery);
+                break;
+            }
             Ok(delivery) => batch.push(delivery),
             Err(end) => return (batch, Some(end)),
         }

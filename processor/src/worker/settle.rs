@@ -70,7 +70,14 @@ pub(super) async fn conclude(
             };
             let pool = context.pool.clone();
             let attempt = message.attempt;
-            let record = async move { record_failure(&pool, &message, status, &last_error).await };
+            // The event log is best effort; when the database was just found unreachable,
+            // trying it once per event would only wait out one timeout per event.
+            let reachable = !error.database_unreachable();
+            let record = async move {
+                if reachable {
+                    record_failure(&pool, &message, status, &last_error).await
+                }
+            };
             settle_by_moving(context, delivery, action, Some(attempt), record).await;
         }
     }
@@ -81,6 +88,25 @@ pub(super) async fn dead_letter_malformed(context: &Context, delivery: &Delivery
     tracing::error!(%error, "message does not follow the contract; dead-lettering it");
     let failure = failure_now(delivery, "permanent", error);
     settle_by_moving(context, delivery, Move::DeadLetter(failure), None, async {}).await;
+}
+
+/// A redelivered message whose handling was started `crashes` times without ever ending
+/// (the processor died or panicked each time): straight to the dead letters, class `crash`.
+pub(super) async fn dead_letter_crashed(
+    context: &Context,
+    delivery: &Delivery,
+    message: EventMessage,
+    crashes: u32,
+) {
+    let text = format!(
+        "the processor died {crashes} times while handling this event; not trying again"
+    );
+    tracing::error!(event_id = message.event_id, crashes, "dead-lettering an event that keeps crashing the processor");
+    let failure = failure_now(delivery, "crash", &text);
+    let pool = context.pool.clone();
+    let attempt = message.attempt;
+    let record = async move { record_failure(&pool, &message, EventStatus::Dead, &text).await };
+    settle_by_moving(context, delivery, Move::DeadLetter(failure), Some(attempt), record).await;
 }
 
 /// Where a failed message goes next.

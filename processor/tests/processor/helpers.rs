@@ -117,6 +117,8 @@ pub fn settings(prefix: &str, retry_delays: Vec<Duration>, max_attempts: u32) ->
         prefetch: 16,
         concurrency: 4,
         delivery_limit: 5,
+        crash_limit: 3,
+        modes: shared::config::EndpointModes::default(),
         retry_delays,
         max_attempts,
         shutdown_timeout: Duration::from_secs(10),
@@ -377,4 +379,17 @@ pub async fn ops_json(pool: &PgPool, prefix: &str, args: &[&str]) -> Value {
     let (code, out) = ops(pool, prefix, args).await;
     assert_eq!(code, 0, "{args:?}: {out}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+}
+
+/// Handles one event in its own transaction, every endpoint in test mode (the fixtures'
+/// mode).
+pub async fn handle(
+    pool: &PgPool,
+    message: &EventMessage,
+) -> Result<processor::handler::Outcome, processor::error::ProcessError> {
+    processor::handler::handle(pool, message, &shared::config::EndpointModes::default()).await
+}
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
 }

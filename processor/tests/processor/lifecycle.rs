@@ -2,7 +2,7 @@
 //! for one payment, refunds, disputes, repeats.
 
 use processor::error::FailureClass;
-use processor::handler::{Outcome, handle};
+use processor::handler::Outcome;
 use serde_json::{Value, json};
 use shared::contract::EventMessage;
 use sqlx::PgPool;
@@ -12,13 +12,13 @@ use crate::helpers::*;
 
 /// One payment of the sample customer: its own payment intent, session and content, so that
 /// several payments can live in one test database.
-struct Payment {
-    n: String,
-    content: Uuid,
+pub struct Payment {
+    pub n: String,
+    pub content: Uuid,
 }
 
 impl Payment {
-    async fn new(pool: &PgPool, n: &str) -> Self {
+    pub async fn new(pool: &PgPool, n: &str) -> Self {
         let content = Uuid::new_v4();
         insert_content(pool, content).await;
         Self {
@@ -28,7 +28,7 @@ impl Payment {
     }
 
     /// A fixture rewritten for this payment; `tag` keeps event ids distinct.
-    fn event(&self, file: &str, tag: &str, change: impl FnOnce(&mut Value)) -> EventMessage {
+    pub fn event(&self, file: &str, tag: &str, change: impl FnOnce(&mut Value)) -> EventMessage {
         let text = std::fs::read_to_string(format!("{FIXTURES}/events/{file}")).unwrap();
         let mut event: Value = serde_json::from_str(&text).unwrap();
         event["id"] = json!(format!("evt_{}_{tag}", self.n));
@@ -42,33 +42,33 @@ impl Payment {
         message(serde_json::to_vec(&event).unwrap())
     }
 
-    fn paid(&self) -> EventMessage {
+    pub fn paid(&self) -> EventMessage {
         self.event("checkout.session.completed.json", "paid", |_| {})
     }
-    fn unpaid(&self) -> EventMessage {
+    pub fn unpaid(&self) -> EventMessage {
         self.event("checkout.session.completed.unpaid.json", "unpaid", |_| {})
     }
-    fn async_succeeded(&self) -> EventMessage {
+    pub fn async_succeeded(&self) -> EventMessage {
         self.event(
             "checkout.session.async_payment_succeeded.json",
             "async_ok",
             |_| {},
         )
     }
-    fn async_failed(&self) -> EventMessage {
+    pub fn async_failed(&self) -> EventMessage {
         self.event(
             "checkout.session.async_payment_failed.json",
             "async_failed",
             |_| {},
         )
     }
-    fn refund(&self, amount: i64, full: bool) -> EventMessage {
+    pub fn refund(&self, amount: i64, full: bool) -> EventMessage {
         self.event("charge.refunded.json", &format!("refund_{amount}"), |e| {
             e["data"]["object"]["amount_refunded"] = json!(amount);
             e["data"]["object"]["refunded"] = json!(full);
         })
     }
-    fn dispute(&self, kind: &str, status: &str, created: i64) -> EventMessage {
+    pub fn dispute(&self, kind: &str, status: &str, created: i64) -> EventMessage {
         self.event(
             "charge.dispute.created.json",
             &format!("dispute_{status}"),
@@ -81,7 +81,7 @@ impl Payment {
     }
 
     /// (status, refunded cents, dispute status, access) — or None without a purchase.
-    async fn state(&self, pool: &PgPool) -> Option<(String, i32, Option<String>, bool)> {
+    pub async fn state(&self, pool: &PgPool) -> Option<(String, i32, Option<String>, bool)> {
         let row: Option<(String, i32, Option<String>)> = sqlx::query_as(
             "SELECT status, refunded_amount_cents, dispute_status FROM purchases WHERE stripe_payment_intent_id = $1",
         )
@@ -101,7 +101,7 @@ impl Payment {
 
 /// Delivers events as the broker would: a transient failure goes to the back of the line
 /// and is retried; gives up after a few rounds.
-async fn deliver_all(pool: &PgPool, events: Vec<EventMessage>) {
+pub async fn deliver_all(pool: &PgPool, events: Vec<EventMessage>) {
     let mut queue: std::collections::VecDeque<EventMessage> = events.into();
     let mut retries = 0;
     while let Some(event) = queue.pop_front() {
@@ -283,7 +283,7 @@ async fn lost_dispute_revokes_won_keeps(pool: PgPool) {
         .unwrap();
     assert_eq!(
         lost.state(&pool).await,
-        state("completed", 0, Some("lost"), false)
+        state("charged_back", 0, Some("lost"), false)
     );
     // A stale update arriving after the close changes nothing.
     handle(&pool, &lost.dispute("updated", "under_review", 200))
@@ -291,7 +291,7 @@ async fn lost_dispute_revokes_won_keeps(pool: PgPool) {
         .unwrap();
     assert_eq!(
         lost.state(&pool).await,
-        state("completed", 0, Some("lost"), false)
+        state("charged_back", 0, Some("lost"), false)
     );
 
     let won = Payment::new(&pool, "won").await;

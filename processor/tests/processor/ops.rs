@@ -1,16 +1,11 @@
 //! The operator commands, run as the `processor` binary against a real broker and database.
 
-use std::time::Duration;
 
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::*;
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 /// A paid session for content that does not exist: a permanent failure.
 fn poison(event_id: &str, content: Uuid) -> Vec<u8> {

@@ -2,7 +2,7 @@
 
 use chrono::{TimeZone, Utc};
 use processor::error::FailureClass;
-use processor::handler::{Outcome, handle};
+use processor::handler::Outcome;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 

@@ -1,17 +1,12 @@
 //! The worker with a real broker: acks after commit, retries through delay queues,
 //! dead-letters with the reason, survives a database outage, shuts down cleanly.
 
-use std::time::Duration;
 
 use shared::contract::{FailureInfo, HEADER_ATTEMPT, header_i64};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::*;
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 #[sqlx::test(migrations = "../migrations")]
 async fn paid_event_through_the_broker_becomes_a_purchase(pool: PgPool) {

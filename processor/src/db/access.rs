@@ -1,0 +1,122 @@
+//! Who has access to what: the grants in `content_access`, the lock that serialises every
+//! change of "which purchase gives this customer this content", and the twin that takes
+//! over when the purchase giving access is refunded or charged back.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// Serialises, until the transaction ends, every change to which purchase of `customer`
+/// for `content` gives access. Without it, a refund of the purchase giving access and a
+/// second payment for the same content, committed at the same time, could each decide from
+/// the other's old state and leave the customer with no access although they paid once.
+/// Taken before the purchase row is locked, always in that order.
+pub async fn lock_ownership(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    content: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text || $2::text, 0))")
+        .bind(customer)
+        .bind(content)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Whether the customer has access to the content through another purchase.
+pub async fn owned_elsewhere(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    content: Uuid,
+    purchase: Uuid,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM purchases
+                         WHERE customer_id = $1 AND content_id = $2 AND status = 'completed' AND id <> $3)",
+    )
+    .bind(customer)
+    .bind(content)
+    .bind(purchase)
+    .fetch_one(conn)
+    .await
+}
+
+/// The oldest twin that may take over from `leaving` (a second payment kept as
+/// `requires_refund`, still paid in full), locked. Every candidate is locked, not only the
+/// first: `FOR UPDATE ... LIMIT 1` returns nothing when the row it found was changed
+/// meanwhile, even if another candidate is there.
+pub async fn twin_for(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    content: Uuid,
+    leaving: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let twins: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM purchases
+          WHERE customer_id = $1 AND content_id = $2 AND id <> $3
+            AND status = 'requires_refund' AND refunded_amount_cents = 0
+          ORDER BY purchased_at, id
+          FOR UPDATE",
+    )
+    .bind(customer)
+    .bind(content)
+    .bind(leaving)
+    .fetch_all(conn)
+    .await?;
+    Ok(twins.into_iter().next())
+}
+
+/// Moves the customer's grant from one purchase to another, active: access continues.
+pub async fn transfer(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    content: Uuid,
+    to_purchase: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
+         VALUES ($1, $2, $3, $4, 'purchase')
+         ON CONFLICT (user_id, content_id) DO UPDATE
+            SET purchase_id = EXCLUDED.purchase_id, revoked_at = NULL",
+    )
+    .bind(Uuid::new_v4())
+    .bind(customer)
+    .bind(content)
+    .bind(to_purchase)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Makes the customer's access match what this purchase grants. Granting re-activates a
+/// revoked grant; revoking touches only a grant that came from this purchase, so a refunded
+/// double payment never takes away the access the customer paid for once.
+pub async fn sync(
+    conn: &mut PgConnection,
+    purchase_id: Uuid,
+    customer_id: Uuid,
+    content_id: Uuid,
+    grant: bool,
+) -> Result<(), sqlx::Error> {
+    if grant {
+        sqlx::query(
+            "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
+             VALUES ($1, $2, $3, $4, 'purchase')
+             ON CONFLICT (user_id, content_id) DO UPDATE
+                SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
+              WHERE content_access.revoked_at IS NOT NULL",
+        )
+        .bind(Uuid::new_v4())
+        .bind(customer_id)
+        .bind(content_id)
+        .bind(purchase_id)
+        .execute(conn)
+        .await?;
+    } else {
+        sqlx::query("UPDATE content_access SET revoked_at = now() WHERE purchase_id = $1 AND revoked_at IS NULL")
+            .bind(purchase_id)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
