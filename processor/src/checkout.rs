@@ -42,7 +42,8 @@ impl CheckoutSession {
     /// A checkout made free (e.g. by a 100 % coupon): complete with nothing to pay. Stripe
     /// sends it with `payment_intent: null`.
     pub fn is_free(&self) -> bool {
-        self.payment_status.as_deref() == Some("no_payment_required") && self.amount_total == Some(0)
+        self.payment_status.as_deref() == Some("no_payment_required")
+            && self.amount_total == Some(0)
     }
 
     pub fn payment_intent_id(&self) -> Option<&str> {
@@ -247,6 +248,9 @@ mod tests {
         s.amount_total = Some(0);
         s.payment_intent = None;
         let error = PurchaseRequest::from_session(&s).unwrap_err();
-        assert!(matches!(error, MetadataError::AmountMismatch { metadata: 1999, .. }), "{error}");
+        assert!(
+            matches!(error, MetadataError::AmountMismatch { metadata: 1999, .. }),
+            "{error}"
+        );
     }
 }

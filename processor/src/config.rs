@@ -355,3 +355,24 @@ pub struct WatchArgs {
     #[arg(long)]
     pub once: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_may_repeat_a_delay() {
+        let delays = parse_delays("5s, 5s,30s").unwrap();
+        assert_eq!(
+            delays.0,
+            [5, 5, 30].map(Duration::from_secs).to_vec(),
+            "three retries, in order"
+        );
+        assert!(parse_delays("5s,0s").unwrap_err().contains("between 1ms"));
+        assert!(
+            parse_delays("5s,soon")
+                .unwrap_err()
+                .contains("PROCESSOR_RETRY_DELAYS")
+        );
+    }
+}

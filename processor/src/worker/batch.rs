@@ -20,8 +20,7 @@ use tracing::Instrument;
 use super::Context;
 use super::hooks::{TestHook, crash};
 use super::settle::{
-    ack, already_dead_lettered, conclude, dead_letter_crashed, dead_letter_malformed,
-    nack_requeue,
+    ack, already_dead_lettered, conclude, dead_letter_crashed, dead_letter_malformed, nack_requeue,
 };
 use crate::db::events;
 use crate::error::{FailureClass, ProcessError};

@@ -98,15 +98,25 @@ pub(super) async fn dead_letter_crashed(
     message: EventMessage,
     crashes: u32,
 ) {
-    let text = format!(
-        "the processor died {crashes} times while handling this event; not trying again"
+    let text =
+        format!("the processor died {crashes} times while handling this event; not trying again");
+    tracing::error!(
+        event_id = message.event_id,
+        crashes,
+        "dead-lettering an event that keeps crashing the processor"
     );
-    tracing::error!(event_id = message.event_id, crashes, "dead-lettering an event that keeps crashing the processor");
     let failure = failure_now(delivery, "crash", &text);
     let pool = context.pool.clone();
     let attempt = message.attempt;
     let record = async move { record_failure(&pool, &message, EventStatus::Dead, &text).await };
-    settle_by_moving(context, delivery, Move::DeadLetter(failure), Some(attempt), record).await;
+    settle_by_moving(
+        context,
+        delivery,
+        Move::DeadLetter(failure),
+        Some(attempt),
+        record,
+    )
+    .await;
 }
 
 /// Where a failed message goes next.

@@ -229,12 +229,19 @@ async fn no_secret_reaches_the_processor_logs(pool: PgPool) {
     command
         .args(["run"])
         .env("DATABASE_URL", &url)
+        .env("PROCESSOR_DELIVERY_LIMIT", "5")
         .env("PROCESSOR_RETRY_DELAYS", "200ms")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = command.spawn().unwrap();
+    // Read as it comes: a full pipe would stall the processor's logging, and with it the work.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut text).map(|_| text)
+    });
     broker
         .publish(&message(paid_session_body("evt_log1", "pi_log1", 1999)))
         .await;
@@ -252,8 +259,7 @@ async fn no_secret_reaches_the_processor_logs(pool: PgPool) {
     })
     .await;
     terminate(&mut child).await;
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = reader.join().unwrap().unwrap();
     assert!(
         stderr.contains("postgres:***@"),
         "the effective configuration is logged, masked"
@@ -266,4 +272,111 @@ async fn no_secret_reaches_the_processor_logs(pool: PgPool) {
         assert!(!line.contains(password), "database password in: {line}");
         assert!(!line.contains(":guest@"), "broker password in: {line}");
     }
+}
+
+/// With the default limits, a processor in a crash loop (killed six times in a row while
+/// hundreds of messages wait, and one event that kills it whenever it is handled) dead-letters
+/// that one event as `crash`, and no healthy one.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_crash_loop_dead_letters_the_killer_and_no_healthy_event(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let prefix = test_prefix();
+    let mut settings = settings(&prefix, vec![Duration::from_millis(200)], 3);
+    settings.delivery_limit = 50; // the binary's default
+    let broker = open_broker(settings).await;
+    let healthy = 600;
+    for n in 0..healthy {
+        if n == 100 {
+            broker
+                .publish(&message(paid_session_body(
+                    "evt_killer2",
+                    "pi_killer2",
+                    1999,
+                )))
+                .await;
+        }
+        let body = paid_session_body(&format!("evt_h{n}"), &format!("pi_h{n}"), 1999);
+        broker.publish(&message(body)).await;
+    }
+    let spawn = || {
+        let mut command = processor(&pool, &prefix);
+        command
+            .args(["run"])
+            .env("PROCESSOR_RETRY_DELAYS", "200ms")
+            .env("PROCESSOR_TEST_HOOK", "crash-on-event:evt_killer2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command.spawn().unwrap()
+    };
+    let settled = || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status IN ('processed', 'dead')",
+        )
+        .await
+    };
+
+    // SIGKILL six times in a row, each time as soon as the processor has made progress (or
+    // has died on its own on the killer event).
+    for _ in 0..6 {
+        let before = settled().await;
+        let mut child = spawn();
+        // Not `wait_for`: the check needs the child mutably.
+        for _ in 0..1200 {
+            if matches!(child.try_wait(), Ok(Some(_))) || settled().await > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        broker.depth(&broker.topology.work_queue).await >= 500,
+        "the kills came while hundreds of messages waited"
+    );
+
+    // Then it keeps crashing on the killer only, until that one is dead-lettered.
+    for _ in 0..10 {
+        if broker.depth(&broker.topology.dead_queue).await == 1 {
+            break;
+        }
+        let mut child = spawn();
+        if !exited_within(&mut child, Duration::from_secs(60)).await {
+            // It did not crash again: the killer is dead-lettered and the rest done.
+            break;
+        }
+    }
+    let mut child = spawn();
+    wait_for("every event settled", || async {
+        settled().await == healthy + 1
+    })
+    .await;
+    terminate(&mut child).await;
+
+    let dead = broker.take_dead().await;
+    let ids: Vec<String> = dead
+        .iter()
+        .map(|d| processor::dlq::DeadLetter::from_delivery(&d.delivery))
+        .map(|letter| format!("{} {}", letter.event_id, letter.class))
+        .collect();
+    assert_eq!(
+        ids,
+        ["evt_killer2 crash"],
+        "only the killer is dead-lettered"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM stripe_events WHERE status = 'processed'"
+        )
+        .await,
+        healthy
+    );
+    let crashes: i32 =
+        sqlx::query_scalar("SELECT attempts FROM stripe_events WHERE id = 'evt_killer2'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(crashes >= 1, "its failure is in the event log");
 }

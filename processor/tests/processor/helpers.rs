@@ -288,7 +288,11 @@ where
 /// database outage without touching the shared server.
 pub struct CuttableProxy {
     pub port: u16,
+    /// Connections clients opened through the proxy, refused ones included.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     open: Arc<AtomicBool>,
+    /// While set, connections are accepted and then left unanswered.
+    hang: Arc<AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
 }
 
@@ -299,9 +303,21 @@ impl CuttableProxy {
         let open = Arc::new(AtomicBool::new(true));
         let (cut, _) = tokio::sync::watch::channel(0u64);
         let accepting = Arc::clone(&open);
+        let hang = Arc::new(AtomicBool::new(false));
+        let hanging = Arc::clone(&hang);
         let cuts = cut.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                if hanging.load(Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(client);
+                    });
+                    continue;
+                }
                 if !accepting.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
@@ -317,12 +333,24 @@ impl CuttableProxy {
                 });
             }
         });
-        Self { port, open, cut }
+        Self {
+            port,
+            connections,
+            open,
+            hang,
+            cut,
+        }
     }
 
     /// Refuses new connections and breaks the existing ones.
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// A database that does not answer: every connection attempt waits out its timeout.
+    pub fn hang(&self) {
+        self.hang.store(true, Ordering::SeqCst);
         self.cut.send_modify(|n| *n += 1);
     }
 

@@ -92,15 +92,26 @@ async fn revenue(pool: &PgPool, p: &Payment) -> Revenue {
 }
 
 /// A dispute event with its own disputed amount.
-fn dispute(p: &Payment, kind: &str, status: &str, created: i64, amount: i64) -> shared::contract::EventMessage {
+fn dispute(
+    p: &Payment,
+    kind: &str,
+    status: &str,
+    created: i64,
+    amount: i64,
+) -> shared::contract::EventMessage {
     let mut event = p.dispute(kind, status, created);
-    event.body = edit(&event.body, |e| e["data"]["object"]["amount"] = json!(amount));
+    event.body = edit(&event.body, |e| {
+        e["data"]["object"]["amount"] = json!(amount)
+    });
     event
 }
 
 /// (status, access) of every purchase of the customer for `content`, and which purchase the
 /// access row points to.
-async fn ownership(pool: &PgPool, content: Uuid) -> (Vec<(String, String)>, Option<(String, bool)>) {
+async fn ownership(
+    pool: &PgPool,
+    content: Uuid,
+) -> (Vec<(String, String)>, Option<(String, bool)>) {
     let purchases: Vec<(String, String)> = sqlx::query_as(
         "SELECT COALESCE(stripe_payment_intent_id, stripe_checkout_session_id), status FROM purchases
           WHERE customer_id = $1 AND content_id = $2 ORDER BY 1",
@@ -143,20 +154,29 @@ async fn a_lost_dispute_is_a_chargeback_and_a_won_one_changes_nothing(pool: PgPo
     seed(&pool).await;
     let lost = Payment::new(&pool, "lost").await;
     handle(&pool, &lost.paid()).await.unwrap();
-    handle(&pool, &dispute(&lost, "created", "needs_response", 100, 1999)).await.unwrap();
+    handle(
+        &pool,
+        &dispute(&lost, "created", "needs_response", 100, 1999),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         lost.state(&pool).await.unwrap(),
         ("completed".into(), 0, Some("needs_response".into()), true),
         "an open dispute keeps access"
     );
-    handle(&pool, &dispute(&lost, "closed", "lost", 300, 1999)).await.unwrap();
+    handle(&pool, &dispute(&lost, "closed", "lost", 300, 1999))
+        .await
+        .unwrap();
     assert_eq!(
         lost.state(&pool).await.unwrap(),
         ("charged_back".into(), 0, Some("lost".into()), false)
     );
     assert_eq!(revenue(&pool, &lost).await, expected(1999, 0, 1999));
     // Nothing brings it back: a stale update, a late success, a repeat.
-    handle(&pool, &dispute(&lost, "updated", "under_review", 200, 1999)).await.unwrap();
+    handle(&pool, &dispute(&lost, "updated", "under_review", 200, 1999))
+        .await
+        .unwrap();
     handle(&pool, &lost.async_succeeded()).await.unwrap();
     assert_eq!(
         lost.state(&pool).await.unwrap(),
@@ -168,13 +188,18 @@ async fn a_lost_dispute_is_a_chargeback_and_a_won_one_changes_nothing(pool: PgPo
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(adjustments, [("chargeback".into(), 1999, "evt_lost_dispute_lost".into())]);
+    assert_eq!(
+        adjustments,
+        [("chargeback".into(), 1999, "evt_lost_dispute_lost".into())]
+    );
 
     // Won after a full refund: the purchase stays refunded.
     let won = Payment::new(&pool, "won").await;
     handle(&pool, &won.paid()).await.unwrap();
     handle(&pool, &won.refund(1999, true)).await.unwrap();
-    handle(&pool, &dispute(&won, "closed", "won", 300, 1999)).await.unwrap();
+    handle(&pool, &dispute(&won, "closed", "won", 300, 1999))
+        .await
+        .unwrap();
     assert_eq!(
         won.state(&pool).await.unwrap(),
         ("refunded".into(), 1999, Some("won".into()), false)
@@ -214,10 +239,18 @@ async fn a_partial_refund_lowers_every_share(pool: PgPool) {
     let after = revenue(&pool, &p).await;
     assert_eq!(after, expected(1999, 500, 0));
     assert_eq!(
-        (after.net_cents, after.platform_net_cents, after.organization_net_cents, after.creator_net_cents),
+        (
+            after.net_cents,
+            after.platform_net_cents,
+            after.organization_net_cents,
+            after.creator_net_cents
+        ),
         (1499, 150, 337, 1012)
     );
-    assert_eq!(p.state(&pool).await.unwrap(), ("completed".into(), 500, None, true));
+    assert_eq!(
+        p.state(&pool).await.unwrap(),
+        ("completed".into(), 500, None, true)
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -231,7 +264,9 @@ async fn refund_amounts_are_counted_once_and_never_move_back(pool: PgPool) {
     // a repeat of the first event.
     let mut again = p.refund(500, false);
     again.event_id = "evt_cumulative_refund_500_again".into();
-    again.body = edit(&again.body, |e| e["id"] = json!("evt_cumulative_refund_500_again"));
+    again.body = edit(&again.body, |e| {
+        e["id"] = json!("evt_cumulative_refund_500_again")
+    });
     handle(&pool, &again).await.unwrap();
     handle(&pool, &p.refund(300, false)).await.unwrap();
     assert_eq!(handle(&pool, &first).await.unwrap(), Outcome::Duplicate);
@@ -257,7 +292,9 @@ async fn refund_amounts_are_counted_once_and_never_move_back(pool: PgPool) {
         .execute(&pool)
         .await;
     assert!(update.is_err(), "an adjustment was changed");
-    let delete = sqlx::query("DELETE FROM purchase_adjustments").execute(&pool).await;
+    let delete = sqlx::query("DELETE FROM purchase_adjustments")
+        .execute(&pool)
+        .await;
     assert!(delete.is_err(), "an adjustment was deleted");
 }
 
@@ -284,7 +321,11 @@ async fn every_order_of_a_payments_money_events_converges(pool: PgPool) {
             let settled = p.state(&pool).await;
             let duplicates: Vec<_> = ordered.into_iter().rev().collect();
             deliver_all(&pool, duplicates).await;
-            assert_eq!(p.state(&pool).await, settled, "duplicates changed {order:?}");
+            assert_eq!(
+                p.state(&pool).await,
+                settled,
+                "duplicates changed {order:?}"
+            );
 
             let (status, charged_back) = match outcome {
                 "lost" => ("charged_back", 1999),
@@ -296,7 +337,11 @@ async fn every_order_of_a_payments_money_events_converges(pool: PgPool) {
                 "{outcome}, order {order:?}"
             );
             let revenue = revenue(&pool, &p).await;
-            assert_eq!(revenue, expected(1999, 1999, charged_back), "{outcome} {order:?}");
+            assert_eq!(
+                revenue,
+                expected(1999, 1999, charged_back),
+                "{outcome} {order:?}"
+            );
             assert_eq!(revenue.net_cents, 0);
         }
     }
@@ -345,11 +390,16 @@ async fn buying_again_after_a_chargeback_or_a_refund_gives_access(pool: PgPool) 
         };
         handle(&pool, &first.paid()).await.unwrap();
         if lose {
-            handle(&pool, &dispute(&first, "closed", "lost", 300, 1999)).await.unwrap();
+            handle(&pool, &dispute(&first, "closed", "lost", 300, 1999))
+                .await
+                .unwrap();
         } else {
             handle(&pool, &first.refund(1999, true)).await.unwrap();
         }
-        assert!(matches!(handle(&pool, &again.paid()).await.unwrap(), Outcome::Purchased(_)));
+        assert!(matches!(
+            handle(&pool, &again.paid()).await.unwrap(),
+            Outcome::Purchased(_)
+        ));
         let (_, access) = ownership(&pool, first.content).await;
         assert_eq!(access, Some((format!("pi_again_{n}"), true)), "{n}");
     }
@@ -361,14 +411,25 @@ async fn the_paid_twin_takes_over_when_the_purchase_giving_access_is_refunded(po
     for (n, lose) in [("rf", false), ("cb", true)] {
         let content = Uuid::new_v4();
         insert_content(&pool, content).await;
-        let owner = Payment { n: format!("owner_{n}"), content };
-        let twin = Payment { n: format!("twin_{n}"), content };
+        let owner = Payment {
+            n: format!("owner_{n}"),
+            content,
+        };
+        let twin = Payment {
+            n: format!("twin_{n}"),
+            content,
+        };
         handle(&pool, &owner.paid()).await.unwrap();
-        assert!(matches!(handle(&pool, &twin.paid()).await.unwrap(), Outcome::RequiresRefund(_)));
+        assert!(matches!(
+            handle(&pool, &twin.paid()).await.unwrap(),
+            Outcome::RequiresRefund(_)
+        ));
 
         // Support refunds the wrong one (or the bank takes it back).
         if lose {
-            handle(&pool, &dispute(&owner, "closed", "lost", 300, 1999)).await.unwrap();
+            handle(&pool, &dispute(&owner, "closed", "lost", 300, 1999))
+                .await
+                .unwrap();
         } else {
             handle(&pool, &owner.refund(1999, true)).await.unwrap();
         }
@@ -381,14 +442,24 @@ async fn the_paid_twin_takes_over_when_the_purchase_giving_access_is_refunded(po
                 (format!("pi_twin_{n}"), "completed".into())
             ]
         );
-        assert_eq!(access, Some((format!("pi_twin_{n}"), true)), "access continues through the twin");
+        assert_eq!(
+            access,
+            Some((format!("pi_twin_{n}"), true)),
+            "access continues through the twin"
+        );
     }
 
     // A twin that was partly refunded is not paid in full: it does not take over.
     let content = Uuid::new_v4();
     insert_content(&pool, content).await;
-    let owner = Payment { n: "owner_p".into(), content };
-    let twin = Payment { n: "twin_p".into(), content };
+    let owner = Payment {
+        n: "owner_p".into(),
+        content,
+    };
+    let twin = Payment {
+        n: "twin_p".into(),
+        content,
+    };
     handle(&pool, &owner.paid()).await.unwrap();
     handle(&pool, &twin.paid()).await.unwrap();
     handle(&pool, &twin.refund(100, false)).await.unwrap();
@@ -396,7 +467,10 @@ async fn the_paid_twin_takes_over_when_the_purchase_giving_access_is_refunded(po
     let (purchases, access) = ownership(&pool, content).await;
     assert_eq!(
         purchases,
-        [("pi_owner_p".into(), "refunded".into()), ("pi_twin_p".into(), "requires_refund".into())]
+        [
+            ("pi_owner_p".into(), "refunded".into()),
+            ("pi_twin_p".into(), "requires_refund".into())
+        ]
     );
     assert_eq!(access, Some(("pi_owner_p".into(), false)));
 }
@@ -409,9 +483,18 @@ async fn twin_promotion_under_concurrent_events(pool: PgPool) {
     for round in 0..12 {
         let content = Uuid::new_v4();
         insert_content(&pool, content).await;
-        let owner = Payment { n: format!("co_{round}"), content };
-        let twin = Payment { n: format!("ct_{round}"), content };
-        let third = Payment { n: format!("cn_{round}"), content };
+        let owner = Payment {
+            n: format!("co_{round}"),
+            content,
+        };
+        let twin = Payment {
+            n: format!("ct_{round}"),
+            content,
+        };
+        let third = Payment {
+            n: format!("cn_{round}"),
+            content,
+        };
         handle(&pool, &owner.paid()).await.unwrap();
         handle(&pool, &twin.paid()).await.unwrap();
 
@@ -424,7 +507,11 @@ async fn twin_promotion_under_concurrent_events(pool: PgPool) {
             let (purchases, access) = ownership(&pool, content).await;
             let completed: Vec<_> = purchases.iter().filter(|(_, s)| s == "completed").collect();
             assert_eq!(completed.len(), 1, "round {round}: {purchases:?}");
-            assert_eq!(access, Some((completed[0].0.clone(), true)), "round {round}");
+            assert_eq!(
+                access,
+                Some((completed[0].0.clone(), true)),
+                "round {round}"
+            );
         } else {
             // Both refunded at once: nothing paid is left, so nothing gives access.
             tokio::join!(
@@ -432,8 +519,15 @@ async fn twin_promotion_under_concurrent_events(pool: PgPool) {
                 deliver_all(&pool, vec![twin.refund(1999, true)]),
             );
             let (purchases, access) = ownership(&pool, content).await;
-            assert!(purchases.iter().all(|(_, s)| s == "refunded"), "round {round}: {purchases:?}");
-            assert_eq!(access.map(|(_, active)| active), Some(false), "round {round}");
+            assert!(
+                purchases.iter().all(|(_, s)| s == "refunded"),
+                "round {round}: {purchases:?}"
+            );
+            assert_eq!(
+                access.map(|(_, active)| active),
+                Some(false),
+                "round {round}"
+            );
         }
     }
 }
@@ -457,7 +551,10 @@ fn free_session(p: &Payment, amount_metadata: &str) -> shared::contract::EventMe
 async fn a_free_checkout_is_a_purchase_of_zero_with_access(pool: PgPool) {
     seed(&pool).await;
     let p = Payment::new(&pool, "free").await;
-    assert!(matches!(handle(&pool, &free_session(&p, "0")).await.unwrap(), Outcome::Purchased(_)));
+    assert!(matches!(
+        handle(&pool, &free_session(&p, "0")).await.unwrap(),
+        Outcome::Purchased(_)
+    ));
     let row: (String, i32, i32, i32, i32, Option<String>) = sqlx::query_as(
         "SELECT status, amount_paid_cents, platform_fee_cents, organization_fee_cents,
                 creator_payout_cents, stripe_payment_intent_id
@@ -469,10 +566,11 @@ async fn a_free_checkout_is_a_purchase_of_zero_with_access(pool: PgPool) {
     assert_eq!(row, ("completed".into(), 0, 0, 0, 0, None));
     let (_, access) = ownership(&pool, p.content).await;
     assert_eq!(access.map(|(_, active)| active), Some(true));
-    let id: Uuid = sqlx::query_scalar("SELECT id FROM purchases WHERE stripe_checkout_session_id = 'cs_free'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let id: Uuid =
+        sqlx::query_scalar("SELECT id FROM purchases WHERE stripe_checkout_session_id = 'cs_free'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(revenue_of(&pool, id).await, expected(0, 0, 0));
 
     // A free session whose metadata claims an amount is refused, with the reason.
@@ -488,21 +586,31 @@ async fn an_event_of_the_other_mode_is_recorded_as_ignored_and_changes_nothing(p
     let live = EndpointModes::all(true);
     let p = Payment::new(&pool, "modes").await;
     let test_event = p.paid();
-    let outcome = processor::handler::handle(&pool, &test_event, &live).await.unwrap();
+    let outcome = processor::handler::handle(&pool, &test_event, &live)
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Ignored(_)), "{outcome:?}");
     assert_eq!(
         event_status(&pool, &test_event.event_id).await,
-        Some(("ignored".into(), Some("test-mode event on a live endpoint".into())))
+        Some((
+            "ignored".into(),
+            Some("test-mode event on a live endpoint".into())
+        ))
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 0);
 
     // On the default (test-mode) system, a live event is ignored the same way.
-    let mut live_event = p.event("checkout.session.completed.json", "live", |e| e["livemode"] = json!(true));
+    let mut live_event = p.event("checkout.session.completed.json", "live", |e| {
+        e["livemode"] = json!(true)
+    });
     live_event.endpoint = "booking".into();
     handle(&pool, &live_event).await.unwrap();
     assert_eq!(
         event_status(&pool, &live_event.event_id).await,
-        Some(("ignored".into(), Some("live-mode event on a test-mode endpoint".into())))
+        Some((
+            "ignored".into(),
+            Some("live-mode event on a test-mode endpoint".into())
+        ))
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM purchases").await, 0);
 
@@ -516,7 +624,9 @@ async fn an_event_of_the_other_mode_is_recorded_as_ignored_and_changes_nothing(p
     on_connect.event_id = "evt_modes_connect".into();
     on_connect.body = edit(&on_connect.body, |e| e["id"] = json!("evt_modes_connect"));
     on_connect.endpoint = "connect".into();
-    let outcome = processor::handler::handle(&pool, &on_connect, &mixed).await.unwrap();
+    let outcome = processor::handler::handle(&pool, &on_connect, &mixed)
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Purchased(_)), "{outcome:?}");
 }
 
@@ -528,7 +638,10 @@ async fn a_body_with_nul_is_processed_and_kept_byte_for_byte(pool: PgPool) {
         e["data"]["object"]["customer_details"]["name"] = json!("Test\u{0}Buyer");
     });
     assert!(String::from_utf8_lossy(&event.body).contains(r"Test\u0000Buyer"));
-    assert!(matches!(handle(&pool, &event).await.unwrap(), Outcome::Purchased(_)));
+    assert!(matches!(
+        handle(&pool, &event).await.unwrap(),
+        Outcome::Purchased(_)
+    ));
     let (body, name, api_version): (Vec<u8>, String, Option<String>) = sqlx::query_as(
         "SELECT body, payload->'data'->'object'->'customer_details'->>'name', api_version
            FROM stripe_events WHERE id = $1",
@@ -538,7 +651,10 @@ async fn a_body_with_nul_is_processed_and_kept_byte_for_byte(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(body, event.body, "the body is kept as signed");
-    assert_eq!(name, "Test\u{FFFD}Buyer", "the queryable copy replaces what jsonb refuses");
+    assert_eq!(
+        name, "Test\u{FFFD}Buyer",
+        "the queryable copy replaces what jsonb refuses"
+    );
     assert_eq!(api_version.as_deref(), Some("2025-04-30.basil"));
     let (_, access) = ownership(&pool, p.content).await;
     assert_eq!(access.map(|(_, active)| active), Some(true));
@@ -551,9 +667,10 @@ async fn events_replay_republishes_the_signed_bytes(pool: PgPool) {
     let broker = open_broker(settings(&prefix, vec![ms(200)], 3)).await;
     // As Stripe formats it (pretty-printed, its key order), with an escape a JSON
     // round trip would rewrite, and a NUL.
-    let text = std::fs::read_to_string(format!("{FIXTURES}/events/checkout.session.completed.json"))
-        .unwrap()
-        .replace("Test Buyer", r"T\u00e9st\u0000Buyer");
+    let text =
+        std::fs::read_to_string(format!("{FIXTURES}/events/checkout.session.completed.json"))
+            .unwrap()
+            .replace("Test Buyer", r"T\u00e9st\u0000Buyer");
     let body = text.into_bytes();
     let event = message(body.clone());
     handle(&pool, &event).await.unwrap();
@@ -562,7 +679,10 @@ async fn events_replay_republishes_the_signed_bytes(pool: PgPool) {
     assert_eq!(code, 0, "{out}");
     let replayed = broker.take(&broker.topology.work_queue).await;
     assert_eq!(replayed.len(), 1);
-    assert_eq!(replayed[0].delivery.data, body, "replayed bytes differ from the signed ones");
+    assert_eq!(
+        replayed[0].delivery.data, body,
+        "replayed bytes differ from the signed ones"
+    );
 
     let (code, out) = ops(&pool, &prefix, &["events", "show", &event.event_id]).await;
     assert_eq!(code, 0, "{out}");

@@ -1,6 +1,5 @@
 //! The operator commands, run as the `processor` binary against a real broker and database.
 
-
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -1,9 +1,10 @@
 //! The worker with a real broker: acks after commit, retries through delay queues,
 //! dead-letters with the reason, survives a database outage, shuts down cleanly.
 
-
 use shared::contract::{FailureInfo, HEADER_ATTEMPT, header_i64};
 use sqlx::PgPool;
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -406,4 +407,89 @@ async fn failed_deliveries_are_counted_in_the_event_log(pool: PgPool) {
             == 2
     })
     .await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_schedule_may_repeat_a_delay(pool: PgPool) {
+    seed_catalog(&pool).await;
+    // 150ms twice, then 300ms: three retries through two delay queues.
+    let delays = vec![ms(150), ms(150), ms(300)];
+    let worker = start_worker(pool.clone(), settings(&test_prefix(), delays, 4)).await;
+    // A refund whose purchase never comes: transient every time.
+    let refund = edit(&paid_session_body("evt_rep", "pi_rep", 1999), |e| {
+        e["type"] = "charge.refunded".into();
+        e["data"]["object"] = serde_json::json!({
+            "id": "ch_rep", "object": "charge", "payment_intent": "pi_rep",
+            "amount_refunded": 1999, "refunded": true
+        });
+    });
+    worker.publish(&message(refund)).await;
+    wait_for("the dead letter", || async {
+        worker.depth(&worker.topology.dead_queue).await == 1
+    })
+    .await;
+    let dead = worker.take_dead().await;
+    let headers = dead[0].delivery.properties.headers().clone().unwrap();
+    assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(4));
+    let failure = FailureInfo::read(&headers).unwrap();
+    assert!(
+        failure
+            .last_error
+            .contains("retries exhausted after 4 attempts"),
+        "{}",
+        failure.last_error
+    );
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM stripe_events WHERE id = 'evt_rep'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 4);
+}
+
+/// While the database is unreachable, a batch waits and fails as a whole: its events do not
+/// each try the database (and wait out a connection timeout) on their own.
+#[sqlx::test(migrations = "../migrations")]
+async fn an_unreachable_database_costs_a_batch_a_few_tries_not_one_per_event(pool: PgPool) {
+    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    // Each connection attempt hangs until the pool's acquire timeout: one attempt per try.
+    proxy.hang();
+    let options = (*pool.connect_options()).clone().port(proxy.port);
+    let down = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(ms(300))
+        .connect_lazy_with(options);
+    let mut settings = settings(&test_prefix(), vec![Duration::from_secs(600)], 2);
+    // One batch of all 100: the first delivery waits for the others.
+    settings.batch.size = 100;
+    settings.batch.wait = Duration::from_secs(2);
+    settings.prefetch = 100;
+    settings.concurrency = 1;
+    // Queued before the worker starts, so that they come as one batch.
+    let broker = open_broker(settings.clone()).await;
+    for n in 0..100 {
+        broker
+            .publish(&message(paid_session_body(
+                &format!("evt_u{n}"),
+                &format!("pi_u{n}"),
+                1999,
+            )))
+            .await;
+    }
+    let worker = start_worker(down, settings).await;
+    let delay_queue = worker.topology.retry_queue(Duration::from_secs(600));
+    wait_for("all 100 in the delay queue", || async {
+        worker.depth(&delay_queue).await == 100
+    })
+    .await;
+    let tries = proxy.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        tries <= 10,
+        "{tries} connection attempts for 100 events: the batch did not wait as a whole"
+    );
+    assert_eq!(worker.depth(&worker.topology.dead_queue).await, 0);
+    let retried = worker.take(&delay_queue).await;
+    for message in &retried {
+        let headers = message.delivery.properties.headers().clone().unwrap();
+        assert_eq!(header_i64(&headers, HEADER_ATTEMPT), Some(2));
+    }
 }
