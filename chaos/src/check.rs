@@ -8,7 +8,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::model::{self, Effect};
-use crate::rng::Rng;
 use crate::traffic::Traffic;
 
 /// One broken promise, with the events behind it.
@@ -71,6 +70,9 @@ type PurchaseRow = (
 
 type State = Option<(String, i64, Option<String>, bool)>;
 
+/// Payment intent, platform and organization bps, then `purchase_revenue`'s seven amounts.
+type RevenueRow = (Option<String>, i32, i32, i64, i64, i64, i64, i64, i64, i64);
+
 fn show(state: &State) -> String {
     match state {
         None => "no purchase".to_owned(),
@@ -113,14 +115,24 @@ pub async fn check(
     accepted: &HashMap<usize, u32>,
     pool: &PgPool,
     dead: &[DeadLetter],
-    seed: u64,
 ) -> anyhow::Result<(Vec<Violation>, Summary)> {
     let mut violations = Vec::new();
     let mut summary = Summary {
         payments: traffic.payments.len(),
         ..Summary::default()
     };
-    let mut rng = Rng::new(seed ^ 0xC4EC);
+    let revenue_rows: Vec<RevenueRow> = sqlx::query_as(
+        "SELECT p.stripe_payment_intent_id, p.platform_fee_bps, p.organization_fee_bps,
+                r.gross_cents, r.refunded_cents, r.charged_back_cents, r.net_cents,
+                r.platform_net_cents, r.organization_net_cents, r.creator_net_cents
+           FROM purchase_revenue r JOIN purchases p ON p.id = r.purchase_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let revenue_by_intent: HashMap<String, RevenueRow> = revenue_rows
+        .into_iter()
+        .map(|row| (row.0.clone().unwrap_or_default(), row))
+        .collect();
 
     let rows: Vec<PurchaseRow> = sqlx::query_as(
         "SELECT id, stripe_payment_intent_id, status, refunded_amount_cents, dispute_status,
@@ -189,25 +201,7 @@ pub async fn check(
             .map(|&i| (traffic.events[i].id.as_str(), &traffic.events[i].effect))
             .collect();
         let accepted_ids: Vec<String> = natural.iter().map(|(id, _)| (*id).to_owned()).collect();
-        let outcome = match model::expected(&natural, payment.amount, &mut rng, 24) {
-            Ok(outcome) => outcome,
-            Err(divergence) => {
-                let model::Divergence {
-                    natural,
-                    order,
-                    other,
-                } = *divergence;
-                violations.push(Violation {
-                    kind: "lifecycle does not converge (model)",
-                    event_ids: order,
-                    detail: format!(
-                        "{}: natural order gives {natural:?}, this order {other:?}",
-                        payment.payment_intent
-                    ),
-                });
-                natural
-            }
-        };
+        let outcome = model::outcome(&natural, payment.amount);
         for id in &outcome.never_applied {
             expected_dead.insert(id.clone(), ("transient", "retries exhausted".to_owned()));
         }
@@ -256,6 +250,34 @@ pub async fn check(
                     show(&actual)
                 ),
             });
+        }
+        // Net revenue: the view against the formula, under the purchase's own split rule.
+        if let (Some(model), Some(row)) = (
+            outcome.purchase.as_ref(),
+            revenue_by_intent.get(&payment.payment_intent),
+        ) {
+            let (_, platform_bps, organization_bps, gross, refunded, charged_back, net, p, o, c) =
+                row;
+            let want = model.revenue(i64::from(*platform_bps), i64::from(*organization_bps));
+            let have = model::Revenue {
+                gross: *gross,
+                refunded: *refunded,
+                charged_back: *charged_back,
+                net: *net,
+                platform: *p,
+                organization: *o,
+                creator: *c,
+            };
+            if want != have {
+                violations.push(Violation {
+                    kind: "net revenue differs from the model",
+                    event_ids: accepted_ids.clone(),
+                    detail: format!(
+                        "{} ({}): model {want:?} | purchase_revenue {have:?}",
+                        payment.payment_intent, payment.shape
+                    ),
+                });
+            }
         }
         if let Some(p) = db {
             if !payment

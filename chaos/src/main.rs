@@ -586,7 +586,7 @@ async fn run(args: &Args, cleanup: &mut Cleanup) -> anyhow::Result<bool> {
 
     // Checks.
     let accepted = stats.accepted_by_event.lock().unwrap().clone();
-    let (mut violations, summary) = check::check(&traffic, &accepted, &pool, &dead, seed).await?;
+    let (mut violations, summary) = check::check(&traffic, &accepted, &pool, &dead).await?;
     // For the first unexpected dead letters, what the broker says happened to them (x-death).
     for v in violations
         .iter_mut()

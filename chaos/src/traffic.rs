@@ -241,6 +241,12 @@ impl Builder<'_> {
                 let end = if rng.chance(0.5) { "won" } else { "lost" };
                 steps.push(("closed", end, 300));
             }
+            // All of the payment, or part of it: what a lost dispute takes back.
+            let disputed = if rng.chance(0.5) {
+                amount
+            } else {
+                rng.range(1, amount)
+            };
             for (kind, status, offset) in steps {
                 let at = self.base_created + offset;
                 self.event(
@@ -250,11 +256,13 @@ impl Builder<'_> {
                     Effect::Dispute {
                         status: status.to_owned(),
                         at,
+                        amount: disputed,
                     },
                     offset,
                     |e| {
                         e["type"] = json!(format!("charge.dispute.{kind}"));
                         e["data"]["object"]["status"] = json!(status);
+                        e["data"]["object"]["amount"] = json!(disputed);
                     },
                 );
             }
