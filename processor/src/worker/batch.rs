@@ -33,8 +33,8 @@ struct Work {
 }
 
 /// Handles and settles a batch. If it panics, the deliveries not settled yet are run again
-/// one by one, so that only the one that panics goes back to the broker (which counts it
-/// toward the delivery limit) and its neighbours are not held hostage.
+/// one by one, so that only the one that panics goes back to the broker (redelivered, its
+/// starts are counted toward the crash limit) and its neighbours are not held hostage.
 pub(super) async fn run(context: &Context, deliveries: Vec<Delivery>) {
     // A redelivered message comes alone (see `collect`), and such messages are handled one
     // at a time, so that a crash while handling one blames that one only.
