@@ -96,7 +96,7 @@ try {
 
   await step("log in and see the overview", async () => {
     await login(page, TOKEN);
-    await page.waitForSelector("svg.chart polyline");
+    await page.waitForSelector("svg.chart polyline", { state: "attached" });
     const dead = Number(await page.locator(".card .big").first().textContent());
     assert.ok(dead >= 1, `dead letters on the overview: ${dead}`);
     assert.ok((await page.textContent("main")).includes("permanent"));

@@ -1,8 +1,7 @@
 -- The ops console: what operators did (replays, purges), and an index of the dead-letter
 -- queue so that its pages stay fast with 100,000 dead letters.
 
--- Every console action, started and finished. `event_ids` are the events it touched, so an
--- event's page can show who replayed or purged it.
+-- Every console action, started and finished.
 CREATE TABLE ops_audit (
     id          uuid PRIMARY KEY,
     token_name  text NOT NULL,
@@ -12,12 +11,23 @@ CREATE TABLE ops_audit (
     count       integer NULL CHECK (count >= 0),
     failed      integer NULL CHECK (failed >= 0),
     outcome     text NULL,
-    event_ids   text[] NOT NULL DEFAULT '{}',
     started_at  timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz NULL
 );
 CREATE INDEX ops_audit_started_idx ON ops_audit (started_at DESC, id DESC);
-CREATE INDEX ops_audit_event_ids_idx ON ops_audit USING gin (event_ids);
+
+-- The dead letters an action replayed or purged, as they were: an event's page shows that
+-- it was dead-lettered, why, and who replayed or purged it, after the message is gone.
+CREATE TABLE ops_audit_events (
+    audit_id   uuid NOT NULL REFERENCES ops_audit (id),
+    event_id   text NOT NULL,
+    class      text NOT NULL,
+    attempts   integer NOT NULL,
+    last_error text NOT NULL,
+    dead_at    timestamptz NULL,
+    PRIMARY KEY (audit_id, event_id)
+);
+CREATE INDEX ops_audit_events_event_idx ON ops_audit_events (event_id);
 
 -- A copy of the dead-letter queue's summaries, rebuilt by the console from a snapshot of the
 -- queue (RabbitMQ cannot page through a queue). The queue stays the truth: replay and purge

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::dlq::Filter;
+use crate::dlq::{DeadLetter, Filter};
 use crate::ops::dead_letters::{purge_matching, replay_matching};
 
 use super::{AppState, audit};
@@ -125,7 +125,7 @@ pub async fn start(
 async fn run(console: AppState, job: Arc<Job>) {
     let result = execute(&console, &job).await;
     let (outcome, end) = match result {
-        Ok((outcome, matched, failed, event_ids)) => (outcome, (matched, failed, event_ids)),
+        Ok((outcome, matched, failed, letters)) => (outcome, (matched, failed, letters)),
         Err(error) => (
             Outcome {
                 ok: false,
@@ -135,7 +135,7 @@ async fn run(console: AppState, job: Arc<Job>) {
             (0, 0, Vec::new()),
         ),
     };
-    let (matched, failed, event_ids) = end;
+    let (matched, failed, letters) = end;
     let recorded = audit::finish(
         &console.pool,
         job.id,
@@ -144,7 +144,7 @@ async fn run(console: AppState, job: Arc<Job>) {
             count: outcome.count,
             failed,
             outcome: &outcome.summary,
-            event_ids: &event_ids,
+            letters: &letters,
         },
     )
     .await;
@@ -158,7 +158,7 @@ async fn run(console: AppState, job: Arc<Job>) {
     console.reindex.notify_one();
 }
 
-type Executed = (Outcome, usize, usize, Vec<String>);
+type Executed = (Outcome, usize, usize, Vec<DeadLetter>);
 
 async fn execute(console: &AppState, job: &Job) -> anyhow::Result<Executed> {
     let _queue = console.queue_lock.lock().await;
@@ -195,7 +195,7 @@ async fn execute(console: &AppState, job: &Job) -> anyhow::Result<Executed> {
                 },
                 outcome.matched,
                 outcome.failed,
-                outcome.event_ids,
+                outcome.letters,
             )
         }
         Action::Purge => {
@@ -210,7 +210,7 @@ async fn execute(console: &AppState, job: &Job) -> anyhow::Result<Executed> {
             let summary = format!(
                 "purged {} message(s) of {} event(s) (dry run counted {}); {} left in the dead-letter queue",
                 outcome.purged,
-                outcome.event_ids.len(),
+                outcome.letters.len(),
                 job.expected,
                 outcome.total - outcome.purged
             );
@@ -222,7 +222,7 @@ async fn execute(console: &AppState, job: &Job) -> anyhow::Result<Executed> {
                 },
                 outcome.purged,
                 0,
-                outcome.event_ids,
+                outcome.letters,
             )
         }
     };

@@ -167,7 +167,7 @@ fn progress(len: usize) -> ProgressBar {
 }
 
 /// What a replay did (or, for a dry run, would do).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReplayOutcome {
     /// Messages in the dead-letter queue when the replay started.
     pub total: usize,
@@ -180,9 +180,9 @@ pub struct ReplayOutcome {
     pub dropped: usize,
     /// Messages that could not be published; they stay in the dead-letter queue.
     pub failed: usize,
-    /// The events put back on the work queue.
+    /// The dead letters put back on the work queue (one per event).
     #[serde(skip)]
-    pub event_ids: Vec<String>,
+    pub letters: Vec<DeadLetter>,
 }
 
 impl ReplayOutcome {
@@ -239,7 +239,10 @@ pub async fn replay_matching(
                 Ok(()) => {
                     snapshot.ack(letter).await?;
                     outcome.replayed += 1;
-                    outcome.event_ids.push(letter.event_id.clone());
+                    outcome.letters.push(DeadLetter {
+                        body: Vec::new(),
+                        ..(*letter).clone()
+                    });
                 }
                 Err(error) => {
                     tracing::error!(event_id = letter.event_id, %error, "could not replay; it stays in the dead-letter queue");
@@ -306,13 +309,13 @@ pub async fn replay(
 }
 
 /// What a purge did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PurgeOutcome {
     pub total: usize,
     pub purged: usize,
-    /// The events whose messages were purged (each marked `purged` in the event log).
+    /// The purged dead letters, one per event (each marked `purged` in the event log).
     #[serde(skip)]
-    pub event_ids: Vec<String>,
+    pub letters: Vec<DeadLetter>,
 }
 
 /// The dead letters `filter` matches, described as `dlq show` does: what an operator
@@ -375,7 +378,10 @@ pub async fn purge_matching(
                 letter.last_error
             );
             db::events::record_failure(pool, &message, EventStatus::Purged, &note).await?;
-            outcome.event_ids.push(letter.event_id.clone());
+            outcome.letters.push(DeadLetter {
+                body: Vec::new(),
+                ..letter.clone()
+            });
         }
         snapshot.ack(letter).await?;
         outcome.purged += 1;
@@ -408,7 +414,7 @@ pub async fn purge(
     println!(
         "purged {} message(s) ({} event(s)); {} left",
         outcome.purged,
-        outcome.event_ids.len(),
+        outcome.letters.len(),
         outcome.total - outcome.purged
     );
     Ok(ExitCode::SUCCESS)

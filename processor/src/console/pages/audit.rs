@@ -36,6 +36,13 @@ pub async fn show(
         Ok(rows) => rows,
         Err(error) => return super::failure("read ops_audit", &error),
     };
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match audit::events_of(&console.pool, row.id, 6).await {
+            Ok(ids) => events.push(ids),
+            Err(error) => return super::failure("read ops_audit_events", &error),
+        }
+    }
     let next = (rows.len() == PAGE as usize)
         .then(|| {
             rows.last()
@@ -45,24 +52,31 @@ pub async fn show(
     let content = html! {
         table.audit {
             thead { tr {
-                th { "started" } th { "finished" } th { "token" } th { "action" } th { "filter" }
+                th { "started" } th { "finished" } th { "token" } th { "action" } th { "filter" } th { "events" }
                 th.num { "matched" } th.num { "count" } th.num { "failed" } th { "outcome" }
             } }
             tbody {
-                @for row in &rows {
+                @for (row, ids) in rows.iter().zip(&events) {
                     tr {
                         td { (when(row.started_at)) }
                         td { @if let Some(at) = row.finished_at { (when(at)) } @else { "running" } }
                         td { (row.token_name) }
                         td { strong { (row.action) } }
                         td { code { (row.filter.to_string()) } }
+                        td {
+                            @for (i, id) in ids.iter().enumerate() {
+                                @if i == 5 { "…" } @else {
+                                    a href={ "/events/" (super::overview::urlencode(id)) } { code { (id) } } " "
+                                }
+                            }
+                        }
                         td.num { (row.matched.map(|n| n.to_string()).unwrap_or_default()) }
                         td.num { (row.count.map(|n| n.to_string()).unwrap_or_default()) }
                         td.num { (row.failed.map(|n| n.to_string()).unwrap_or_default()) }
                         td { (row.outcome.as_deref().unwrap_or("")) }
                     }
                 }
-                @if rows.is_empty() { tr { td colspan="9" class="muted" { "No action yet." } } }
+                @if rows.is_empty() { tr { td colspan="10" class="muted" { "No action yet." } } }
             }
         }
         @if let Some(next) = next { nav.pages { a href={ "/audit?before=" (next) } { "older »" } } }

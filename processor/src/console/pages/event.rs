@@ -131,6 +131,14 @@ pub async fn show(
         });
     }
     for action in &actions {
+        // The dead letter as it was when the action took it (it is gone from the queue).
+        timeline.push(Moment {
+            at: action.dead_at.unwrap_or(action.started_at),
+            what: html! {
+                strong.error { "dead-lettered" } " (" span class={ "class " (action.class.replace(':', "-")) } { (action.class) } ") after "
+                (action.attempts) " attempt(s): " span.error { (mask::mask_text(&action.last_error)) }
+            },
+        });
         timeline.push(Moment {
             at: action.started_at,
             what: html! {
