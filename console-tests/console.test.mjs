@@ -3,7 +3,7 @@
 // Environment: CONSOLE_URL, OPS_TOKEN, OPS_READONLY_TOKEN, EVENT_ID, FOREIGN_PORT,
 // SCREENSHOTS (directory for the page screenshots).
 import assert from "node:assert/strict";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,6 +18,7 @@ const CONSOLE = env("CONSOLE_URL");
 const TOKEN = env("OPS_TOKEN");
 const READONLY = env("OPS_READONLY_TOKEN");
 const EVENT = env("EVENT_ID");
+const PURGE_EVENT = env("PURGE_EVENT_ID");
 const FOREIGN_PORT = Number(env("FOREIGN_PORT"));
 const SHOTS = env("SCREENSHOTS");
 mkdirSync(SHOTS, { recursive: true });
@@ -160,6 +161,7 @@ try {
     }
     assert.equal(status, "processed");
     const timeline = await page.textContent("ol.timeline");
+    assert.match(timeline, /dead-lettered \(permanent\) after 1 attempt\(s\): unknown content/);
     assert.match(timeline, /replayed by OPS_TOKEN \([0-9a-f]{8}\)/);
     assert.match(timeline, /processed/);
     const purchase = await page.textContent("table.purchases");
@@ -168,14 +170,46 @@ try {
     await shot(page, "event-replayed");
   });
 
-  await step("the audit lists the replay", async () => {
+  await step("purge the other one, only after its JSON download", async () => {
+    await page.goto(`${CONSOLE}/dead-letters`);
+    await page.check(`input[name=event_id][value="${PURGE_EVENT}"]`);
+    await Promise.all([
+      page.waitForURL(`${CONSOLE}/dead-letters/preview`),
+      page.click("button[value='purge:selected']"),
+    ]);
+    assert.equal((await page.textContent(".dryrun .count")).trim(), "1");
+    assert.ok(await page.isDisabled("#confirm"), "purge enabled before the download");
+    const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+    const saved = await download.path();
+    const text = readFileSync(saved, "utf8");
+    const letters = JSON.parse(text);
+    assert.equal(letters.length, 1);
+    assert.equal(letters[0].summary.event_id, PURGE_EVENT);
+    assert.equal(letters[0].payload.id, PURGE_EVENT);
+    assert.ok(!text.includes("4242 4242 4242 4242"), "card number unmasked in the download");
+    assert.ok(await page.isEnabled("#confirm"), "purge still disabled after the download");
+    await shot(page, "purge-dry-run");
+    await Promise.all([page.waitForURL(/\/jobs\//), page.click("#confirm")]);
+    await page.waitForFunction(() => document.querySelector("#outcome")?.className === "ok", null, {
+      timeout: 30_000,
+    });
+    assert.match(await page.textContent("#outcome"), /purged 1 message\(s\) of 1 event\(s\)/);
+    await page.goto(`${CONSOLE}/events/${PURGE_EVENT}`);
+    assert.equal((await page.textContent("#event-status")).trim(), "purged");
+    assert.match(await page.textContent("ol.timeline"), /purged by OPS_TOKEN/);
+    await shot(page, "event-purged");
+  });
+
+  await step("the audit lists the replay and the purge", async () => {
     await page.goto(`${CONSOLE}/audit`);
     const rows = page.locator("table.audit tbody tr");
-    assert.equal(await rows.count(), 1);
-    const text = await rows.first().textContent();
-    assert.match(text, /replay/);
-    assert.match(text, /OPS_TOKEN/);
-    assert.match(text, new RegExp(EVENT));
+    assert.equal(await rows.count(), 2);
+    const [purge, replay] = [await rows.nth(0).textContent(), await rows.nth(1).textContent()];
+    assert.match(purge, /purge/);
+    assert.match(purge, new RegExp(PURGE_EVENT));
+    assert.match(replay, /replay/);
+    assert.match(replay, /OPS_TOKEN/);
+    assert.match(replay, new RegExp(EVENT));
     await shot(page, "audit");
   });
 
@@ -225,7 +259,7 @@ try {
     assert.match(await page.textContent("main"), /cross-origin/);
     await shot(page, "cross-site-refused");
     await page.goto(`${CONSOLE}/audit`);
-    assert.equal(await page.locator("table.audit tbody tr").count(), 1, "the refused POST started nothing");
+    assert.equal(await page.locator("table.audit tbody tr").count(), 2, "the refused POST started nothing");
   });
 
   process.stderr.write(`console browser tests: ${passed} passed\n`);

@@ -5,11 +5,12 @@
 # 1. builds ingest and processor; makes a fresh database and a unique AMQP prefix;
 # 2. starts ingest, and `processor run` with OPS_TOKEN and OPS_READONLY_TOKEN (so it also
 #    serves the console), each on a free port;
-# 3. sends a signed checkout.session.completed while the catalog is empty: the processor
-#    dead-letters it (permanent: unknown catalog rows); then seeds the catalog, so that a
-#    replay succeeds;
+# 3. sends two signed checkout.session.completed while the catalog is empty: the processor
+#    dead-letters them (permanent: unknown catalog rows); then seeds the catalog, so that
+#    the first one's replay succeeds (the second names content that never exists);
 # 4. runs console-tests/console.test.mjs: log in, overview, filter, see why it failed,
-#    replay with its dry-run count, the purchase on the event page, the audit; read-only
+#    replay with its dry-run count, the purchase on the event page, purge the other after
+#    its JSON download, the audit; read-only
 #    token refused (403), no token (401), a cross-site POST refused (403). Screenshots go
 #    to docs/console/*.png;
 # 5. stops everything, drops the database and deletes the prefix's queues and exchanges.
@@ -102,26 +103,41 @@ wait_for() { # wait_for <what> <seconds> <command...>
 wait_for "the processor to consume" 60 curl -sf "http://127.0.0.1:$metrics_port/readyz"
 wait_for "ingest" 60 curl -sf "http://127.0.0.1:$ingest_port/readyz"
 
-# A paid session while the catalog is empty: permanently failing, dead-lettered at once.
-# A card-like number in the metadata lets the test check the masking of the raw body.
+# Two paid sessions while the catalog is empty: permanently failing, dead-lettered at once.
+# The first will be replayed once the catalog is seeded; the second names content that
+# never exists, and will be purged. A card-like number in the metadata lets the test check
+# the masking of the raw body and of the purge download.
 event_id="evt_console_$tag"
-python3 - "$root/fixtures/stripe/events/checkout.session.completed.json" "$work/event.json" "$event_id" <<'PY'
-import json, sys
-event = json.load(open(sys.argv[1]))
-event["id"] = sys.argv[3]
-event["data"]["object"]["metadata"]["note"] = "paid with 4242 4242 4242 4242"
-json.dump(event, open(sys.argv[2], "w"))
+purge_event_id="evt_console_purge_$tag"
+python3 - "$root/fixtures/stripe/events/checkout.session.completed.json" "$work" "$event_id" "$purge_event_id" <<'PY'
+import json, sys, uuid
+fixture, work, replay_id, purge_id = sys.argv[1:]
+for name, event_id, content in (("replay", replay_id, None), ("purge", purge_id, str(uuid.uuid4()))):
+    event = json.load(open(fixture))
+    event["id"] = event_id
+    session = event["data"]["object"]
+    session["metadata"]["note"] = "paid with 4242 4242 4242 4242"
+    if content:
+        session["id"] = "cs_test_purge_" + event_id
+        session["payment_intent"] = "pi_purge_" + event_id
+        session["metadata"]["contentId"] = content
+    json.dump(event, open(f"{work}/{name}.json", "w"))
 PY
-STRIPE_WEBHOOK_SECRET="$secret" scripts/send-event.sh "$work/event.json" \
-    "http://127.0.0.1:$ingest_port/webhooks/stripe/booking" >/dev/null
+for name in replay purge; do
+    STRIPE_WEBHOOK_SECRET="$secret" scripts/send-event.sh "$work/$name.json" \
+        "http://127.0.0.1:$ingest_port/webhooks/stripe/booking" >/dev/null
+done
 dead() {
-    curl -sf -H "Authorization: Bearer $OPS_READONLY_TOKEN" \
-        "http://127.0.0.1:$console_port/dead-letters?type=checkout.session.completed" | grep -q "$event_id"
+    local page
+    page="$(curl -sf -H "Authorization: Bearer $OPS_READONLY_TOKEN" \
+        "http://127.0.0.1:$console_port/dead-letters?type=checkout.session.completed")"
+    grep -q "$event_id" <<<"$page" && grep -q "$purge_event_id" <<<"$page"
 }
-wait_for "the event in the console's dead letters" 60 dead
-log "$event_id is dead-lettered; seeding the catalog so that its replay succeeds"
+wait_for "both events in the console's dead letters" 60 dead
+log "both events are dead-lettered; seeding the catalog so that the first one's replay succeeds"
 psql "$DATABASE_URL" -q -f scripts/seed-sample-catalog.sql >/dev/null
 
 CONSOLE_URL="http://127.0.0.1:$console_port" FOREIGN_PORT="$foreign_port" EVENT_ID="$event_id" \
+PURGE_EVENT_ID="$purge_event_id" \
 SCREENSHOTS="$root/docs/console" node console-tests/console.test.mjs
 log "passed"
