@@ -222,21 +222,32 @@ async fn stale(console: &Console, connection: &lapin::Connection) -> anyhow::Res
     Ok(live_head != head)
 }
 
-/// Re-reads the queue into the index if it changed (or always, with `force`).
-pub async fn refresh(console: &Console, force: bool) -> anyhow::Result<()> {
+/// Re-reads the queue into the index if it changed (or always, with `force`). Returns how
+/// long the re-read took, if there was one.
+pub async fn refresh(console: &Console, force: bool) -> anyhow::Result<Option<Duration>> {
     let _queue = console.queue_lock.lock().await;
     let connection = console.connect("index").await?;
     let result = async {
         if !force && !stale(console, &connection).await? {
-            return Ok(());
+            return Ok(None);
         }
+        let started = std::time::Instant::now();
         let snapshot = Snapshot::take(&connection, &console.topology, MAX_HELD).await?;
-        // Release the messages before writing: the copy below is all the index needs.
-        let letters = snapshot.letters.clone();
+        // Summaries without the bodies, then the messages go back at once: the index needs
+        // no more, and the queue is whole again sooner.
+        let letters: Vec<DeadLetter> = snapshot
+            .letters
+            .iter()
+            .map(|l| DeadLetter {
+                body: Vec::new(),
+                properties: lapin::BasicProperties::default(),
+                ..l.clone()
+            })
+            .collect();
         snapshot.release().await?;
         write(&console.pool, &letters).await?;
         tracing::debug!(letters = letters.len(), "dead-letter index rebuilt");
-        Ok(())
+        Ok(Some(started.elapsed()))
     }
     .await;
     let _ = connection.close(200, "indexed".into()).await;

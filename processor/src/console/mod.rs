@@ -173,15 +173,21 @@ pub async fn serve(
 }
 
 /// Re-reads the dead-letter queue into the index when it changed, every `interval`, and at
-/// once when an action asks for it.
+/// once when an action asks for it. A re-read that took long (a big queue) spaces the next
+/// ones out, so that a queue filling up fast is not held by snapshots most of the time.
 async fn keep_index(console: AppState, interval: Duration, shutdown: CancellationToken) {
     let mut force = true;
     loop {
-        if let Err(error) = index::refresh(&console, force).await {
-            tracing::warn!(%error, "could not read the dead-letter queue into the console's index");
-        }
+        let pause = match index::refresh(&console, force).await {
+            Ok(Some(took)) => interval.max(took * 4),
+            Ok(None) => interval,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the dead-letter queue into the console's index");
+                interval
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(interval) => force = false,
+            () = tokio::time::sleep(pause) => force = false,
             () = console.reindex.notified() => force = true,
             () = shutdown.cancelled() => return,
         }
