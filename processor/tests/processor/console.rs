@@ -285,7 +285,26 @@ async fn keyset_pages_stay_fast_and_complete_with_100000_dead_letters(pool: PgPo
     slowest = slowest.max(started.elapsed());
     assert_eq!(rows.len(), 50);
     assert!(
-        slowest < Duration::from_millis(250),
+        slowest < Duration::from_secs(1),
         "slowest page took {slowest:?}"
     );
+    // What keeps them fast: every page is read from an index in order, never sorted.
+    for (filter, after) in [
+        (filter.clone(), None),
+        (filter.clone(), after),
+        (ListFilter::default(), cursor),
+        (
+            ListFilter {
+                endpoint: Some("booking".into()),
+                ..ListFilter::default()
+            },
+            cursor,
+        ),
+    ] {
+        let plan = index::explain_page(&pool, &filter, after, 50)
+            .await
+            .unwrap();
+        assert!(plan.contains("Index Scan"), "{filter:?}: {plan}");
+        assert!(!plan.contains("Sort"), "{filter:?}: {plan}");
+    }
 }
