@@ -186,7 +186,8 @@ for name in sorted(everything - {"RUST_LOG"}):
 
 # --- the resolved compose file ----------------------------------------------------------------
 secrets_may_be_empty = re.compile(r"^STRIPE_WEBHOOK_SECRET_[A-Z]+$")
-pass_through = {"PROCESSOR_MAX_ATTEMPTS"}  # no value in the file: set only when set in .env
+# No value in the file: set only when set in .env.
+pass_through = {"PROCESSOR_MAX_ATTEMPTS", "OPS_TOKEN", "OPS_READONLY_TOKEN"}
 
 
 def environment(service):
@@ -256,8 +257,15 @@ def check(path, label):
         if processor.get(key):
             fail(f"processor sets `{key}`, which breaks --scale processor=3 {where}")
 
-    for name, wanted in (("migrate", migrate_vars), ("ingest", ingest_vars),
-                         ("processor", processor_vars)):
+    # The ops console's settings go to the `console` service (profile `console`), not to
+    # every processor replica.
+    console_only = {"OPS_TOKEN", "OPS_READONLY_TOKEN", "OPS_CONSOLE_ADDR",
+                    "OPS_CONSOLE_INDEX_INTERVAL"}
+    checked = [("migrate", migrate_vars), ("ingest", ingest_vars),
+               ("processor", processor_vars - console_only)]
+    if "console" in services:
+        checked.append(("console", console_only | {"DATABASE_URL", "AMQP_URL", "AMQP_PREFIX"}))
+    for name, wanted in checked:
         env = environment(services[name])
         for var in sorted(wanted - set(env)):
             fail(f"{name} does not pass {var} through {where}")

@@ -178,12 +178,28 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Apply the database migrations, then consume events until SIGTERM.
+    /// Apply the database migrations, then consume events until SIGTERM. Also serves the
+    /// ops console when OPS_TOKEN or OPS_READONLY_TOKEN is set.
     Run {
         #[command(flatten)]
         database: DatabaseArgs,
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        console: ConsoleArgs,
+    },
+    /// Serve the ops console (in the browser) until SIGTERM, without consuming events.
+    Console {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        console: ConsoleArgs,
+        /// The processors' retry schedule, to know which delay queues to show.
+        #[arg(long, env = "PROCESSOR_RETRY_DELAYS", default_value = "5s,30s,2m,10m,1h,6h",
+              value_parser = parse_delays)]
+        retry_delays: RetryDelays,
     },
     /// Apply the database migrations and exit.
     Migrate {
@@ -354,6 +370,69 @@ pub struct WatchArgs {
     /// Print one plain-text snapshot and exit (for scripts, or without a terminal).
     #[arg(long)]
     pub once: bool,
+}
+
+/// The ops console's settings (`processor console`, and `processor run` with a token).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsoleArgs {
+    /// Address the ops console listens on. Loopback by default: put it behind your own
+    /// access proxy (or an SSH tunnel) rather than on a public interface.
+    #[arg(
+        long = "ops-console-addr",
+        env = "OPS_CONSOLE_ADDR",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub addr: std::net::SocketAddr,
+
+    /// Token that may look and act (replay, purge). At least 16 characters.
+    #[arg(long = "ops-token", env = "OPS_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    pub token: Option<SecretString>,
+
+    /// Token that may only look. At least 16 characters.
+    #[arg(long = "ops-readonly-token", env = "OPS_READONLY_TOKEN", hide_env_values = true,
+          value_parser = parse_token)]
+    pub readonly_token: Option<SecretString>,
+
+    /// How often the console checks whether the dead-letter queue changed and re-reads it
+    /// into its index (also re-read after each replay or purge).
+    #[arg(long = "ops-console-index-interval", env = "OPS_CONSOLE_INDEX_INTERVAL", default_value = "15s",
+          value_parser = shared::config::parse_duration)]
+    pub index_interval: Duration,
+}
+
+impl ConsoleArgs {
+    /// Whether any token is set (`processor run` serves the console only then).
+    pub fn enabled(&self) -> bool {
+        self.token.is_some() || self.readonly_token.is_some()
+    }
+
+    /// Checks what a parser cannot see alone: at least one token, and two different ones.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.token, &self.readonly_token) {
+            (None, None) => Err(
+                "the ops console needs OPS_TOKEN (may act) or OPS_READONLY_TOKEN (may only look): \
+                 neither is set"
+                    .into(),
+            ),
+            (Some(a), Some(b)) if a.expose_secret() == b.expose_secret() => Err(
+                "OPS_TOKEN and OPS_READONLY_TOKEN must differ: with the same value a read-only \
+                 user could act"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_token(raw: &str) -> Result<SecretString, String> {
+    // The value is not echoed: it is a secret.
+    if raw.chars().count() < 16 {
+        return Err("ops console tokens must be at least 16 characters".into());
+    }
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("ops console tokens must not contain spaces or control characters".into());
+    }
+    Ok(SecretString::from(raw.to_owned()))
 }
 
 #[cfg(test)]

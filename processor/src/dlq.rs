@@ -254,16 +254,21 @@ fn value_json(value: &AMQPValue) -> Value {
 
 /// Which dead letters an operation applies to. Criteria combine with AND; `all` matches
 /// everything.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Filter {
     pub all: bool,
     pub event_ids: Vec<String>,
     pub event_type: Option<String>,
     pub class: Option<String>,
+    pub endpoint: Option<String>,
+    /// Only letters dead for at least this long.
+    #[serde(with = "humantime_serde_opt")]
+    pub older_than: Option<Duration>,
 }
 
 impl Filter {
-    pub fn matches(&self, letter: &DeadLetter) -> bool {
+    /// Whether `letter` matches, its age measured at `now`.
+    pub fn matches_at(&self, letter: &DeadLetter, now: DateTime<Utc>) -> bool {
         if self.all {
             return true;
         }
@@ -273,6 +278,30 @@ impl Filter {
                 .as_ref()
                 .is_none_or(|t| *t == letter.event_type)
             && self.class.as_ref().is_none_or(|c| *c == letter.class)
+            && self
+                .endpoint
+                .as_ref()
+                .is_none_or(|e| letter.endpoint.as_ref() == Some(e))
+            && self.older_than.is_none_or(|min| letter.age(now) >= min)
+    }
+
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        self.matches_at(letter, Utc::now())
+    }
+}
+
+/// `older_than` as `"1h"` in JSON (the audit log keeps filters as JSON).
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => serializer.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => serializer.serialize_none(),
+        }
     }
 }
 

@@ -8,10 +8,12 @@
 //!
 //! - [`config`]: settings and subcommands; [`worker`]: consuming and settling deliveries;
 //! - [`handler`]: what each event type does; [`checkout`]: sessions and their metadata;
+//! - [`console`]: the ops console in the browser;
 //! - [`db`]: queries and migrations; [`split`]: the revenue split; [`error`]: failure classes.
 
 pub mod checkout;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod dlq;
 pub mod error;

@@ -6,11 +6,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use processor::config::{
-    AccessCommand, Cli, Command, DatabaseArgs, DlqCommand, EventsCommand, WorkerArgs,
+    AccessCommand, Cli, Command, ConsoleArgs, DatabaseArgs, DlqCommand, EventsCommand, RetryDelays,
+    WorkerArgs,
 };
+use processor::console::{self, ConsoleSettings};
 use processor::ops::{access, dead_letters, event_log, watch};
 use processor::worker::{BatchLimits, Worker, WorkerSettings};
 use processor::{db, http};
+use shared::config::BrokerArgs;
 use tokio_util::sync::CancellationToken;
 
 /// How long start-up waits for an unreachable database before giving up.
@@ -30,7 +33,17 @@ async fn main() -> anyhow::Result<ExitCode> {
             tracing::info!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { database, worker } => run(database, worker).await,
+        Command::Run {
+            database,
+            worker,
+            console,
+        } => run(database, worker, console).await,
+        Command::Console {
+            database,
+            broker,
+            console,
+            retry_delays,
+        } => serve_console(database, broker, console, retry_delays).await,
         Command::Dlq { command } => match command {
             DlqCommand::Stats { broker, json } => dead_letters::stats(&broker, json).await,
             DlqCommand::List {
@@ -83,8 +96,25 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitCode> {
-    tracing::info!(?database, ?worker, "starting processor");
+async fn run(
+    database: DatabaseArgs,
+    worker: WorkerArgs,
+    console_args: ConsoleArgs,
+) -> anyhow::Result<ExitCode> {
+    tracing::info!(?database, ?worker, ?console_args, "starting processor");
+    // Validated before anything starts: a bad console setting is a start-up error.
+    let console_settings = console_args
+        .enabled()
+        .then(|| {
+            ConsoleSettings::new(
+                &console_args,
+                worker.broker.amqp_url.clone(),
+                worker.broker.topology(),
+                worker.retry_delays.0.clone(),
+            )
+        })
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let pool = db::pool(&database).context("invalid DATABASE_URL")?;
     db::migrate(&pool, MIGRATION_PATIENCE)
         .await
@@ -126,6 +156,14 @@ async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitC
         worker.queue_sample_interval,
         shutdown.clone(),
     ));
+    if let Some(settings) = console_settings {
+        let (pool, shutdown) = (pool.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = console::serve(pool, settings, shutdown).await {
+                tracing::error!(%error, "ops console failed");
+            }
+        });
+    }
     consumer.run(shutdown.clone()).await;
     shutdown.cancel();
     pool.close().await;
@@ -135,5 +173,42 @@ async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitC
         Err(error) => tracing::error!(%error, "metrics server task failed"),
     }
     tracing::info!("processor stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_console(
+    database: DatabaseArgs,
+    broker: BrokerArgs,
+    console_args: ConsoleArgs,
+    retry_delays: RetryDelays,
+) -> anyhow::Result<ExitCode> {
+    tracing::info!(
+        ?database,
+        ?broker,
+        ?console_args,
+        "starting the ops console"
+    );
+    let settings = ConsoleSettings::new(
+        &console_args,
+        broker.amqp_url.clone(),
+        broker.topology(),
+        retry_delays.0,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let pool = db::pool(&database).context("invalid DATABASE_URL")?;
+    db::migrate(&pool, MIGRATION_PATIENCE)
+        .await
+        .context("migrations failed")?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        shared::shutdown::signal().await;
+        trigger.cancel();
+    });
+    console::serve(pool.clone(), settings, shutdown)
+        .await
+        .context("ops console failed")?;
+    pool.close().await;
+    tracing::info!("ops console stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use shared::config::BrokerArgs;
 use shared::contract::{EventMessage, replayed};
 
+use shared::topology::Topology;
+use sqlx::PgPool;
+
 use crate::config::{DatabaseArgs, Selector};
 use crate::db::{self, events::EventStatus};
 use crate::dlq::{DeadLetter, Filter, Snapshot, Stats, format_age};
@@ -69,10 +72,9 @@ pub async fn list(
 ) -> anyhow::Result<ExitCode> {
     let (connection, snapshot) = snapshot(broker, "dlq list").await?;
     let filter = Filter {
-        all: false,
-        event_ids: Vec::new(),
         event_type,
         class,
+        ..Filter::default()
     };
     let now = Utc::now();
     let shown: Vec<&DeadLetter> = snapshot
@@ -148,6 +150,7 @@ impl From<&Selector> for Filter {
             event_ids: selector.event_ids.clone(),
             event_type: selector.event_type.clone(),
             class: selector.class.clone(),
+            ..Filter::default()
         }
     }
 }
@@ -163,8 +166,98 @@ fn progress(len: usize) -> ProgressBar {
     bar
 }
 
-/// Replays matching dead letters, each event once: extra copies of an event already put
-/// back in this run are dropped (handling is idempotent, so they would only repeat it).
+/// What a replay did (or, for a dry run, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReplayOutcome {
+    /// Messages in the dead-letter queue when the replay started.
+    pub total: usize,
+    /// Messages the filter matched.
+    pub matched: usize,
+    /// Distinct events among them.
+    pub distinct: usize,
+    pub replayed: usize,
+    /// Extra copies of an event already put back in this run, removed.
+    pub dropped: usize,
+    /// Messages that could not be published; they stay in the dead-letter queue.
+    pub failed: usize,
+    /// The dead letters put back on the work queue (one per event).
+    #[serde(skip)]
+    pub letters: Vec<DeadLetter>,
+}
+
+impl ReplayOutcome {
+    pub fn left(&self) -> usize {
+        self.total - self.replayed - self.dropped
+    }
+}
+
+/// Replays the dead letters `filter` matches (at most `limit`), each event once: extra
+/// copies of an event already put back in this run are dropped (handling is idempotent, so
+/// they would only repeat it). With `dry_run`, only counts. `progress` is called after each
+/// message with the number done so far. The one replay code path: `processor dlq replay`
+/// and the console both call it.
+pub async fn replay_matching(
+    connection: &lapin::Connection,
+    topology: &Topology,
+    filter: &Filter,
+    limit: Option<usize>,
+    dry_run: bool,
+    mut progress: impl FnMut(usize, usize),
+) -> anyhow::Result<ReplayOutcome> {
+    let snapshot = Snapshot::take(connection, topology, MAX_HELD).await?;
+    let now = Utc::now();
+    let matching: Vec<&DeadLetter> = snapshot
+        .letters
+        .iter()
+        .filter(|l| filter.matches_at(l, now))
+        .take(limit.unwrap_or(usize::MAX))
+        .collect();
+    let mut outcome = ReplayOutcome {
+        total: snapshot.letters.len(),
+        matched: matching.len(),
+        distinct: matching
+            .iter()
+            .map(|l| l.event_id.as_str())
+            .collect::<HashSet<_>>()
+            .len(),
+        ..ReplayOutcome::default()
+    };
+    if dry_run {
+        drop(matching);
+        snapshot.release().await?;
+        return Ok(outcome);
+    }
+    let publish = confirm_channel(connection).await?;
+    let mut seen = HashSet::new();
+    for (done, letter) in matching.iter().enumerate() {
+        if !seen.insert(letter.event_id.clone()) {
+            snapshot.ack(letter).await?;
+            outcome.dropped += 1;
+        } else {
+            let properties = replayed(&letter.properties, Utc::now());
+            match to_work_queue(&publish, topology, &letter.body, properties).await {
+                Ok(()) => {
+                    snapshot.ack(letter).await?;
+                    outcome.replayed += 1;
+                    outcome.letters.push(DeadLetter {
+                        body: Vec::new(),
+                        ..(*letter).clone()
+                    });
+                }
+                Err(error) => {
+                    tracing::error!(event_id = letter.event_id, %error, "could not replay; it stays in the dead-letter queue");
+                    outcome.failed += 1;
+                }
+            }
+        }
+        progress(done + 1, outcome.matched);
+    }
+    drop(matching);
+    snapshot.release().await?;
+    let _ = publish.close(200, "replayed".into()).await;
+    Ok(outcome)
+}
+
 pub async fn replay(
     broker: &BrokerArgs,
     selector: &Selector,
@@ -172,91 +265,100 @@ pub async fn replay(
     limit: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     let topology = broker.topology();
-    let (connection, snapshot) = snapshot(broker, "dlq replay").await?;
+    let connection = connect(broker, "dlq replay").await?;
     let filter = Filter::from(selector);
-    let matching: Vec<&DeadLetter> = snapshot
-        .letters
-        .iter()
-        .filter(|l| filter.matches(l))
-        .take(limit.unwrap_or(usize::MAX))
-        .collect();
-    let total = snapshot.letters.len();
+    let bar = progress(0);
+    let outcome = replay_matching(
+        &connection,
+        &topology,
+        &filter,
+        limit,
+        dry_run,
+        |done, of| {
+            bar.set_length(of as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    connection.close(200, "done".into()).await?;
     if dry_run {
-        let distinct: HashSet<&str> = matching.iter().map(|l| l.event_id.as_str()).collect();
         println!(
             "dry run: would replay {} message(s) ({} distinct event(s)); {} would stay in {}",
-            matching.len(),
-            distinct.len(),
-            total - matching.len(),
+            outcome.matched,
+            outcome.distinct,
+            outcome.total - outcome.matched,
             topology.dead_queue
         );
-        drop(distinct);
-        drop(matching);
-        finish(connection, snapshot).await?;
         return Ok(ExitCode::SUCCESS);
     }
-
-    let publish = confirm_channel(&connection).await?;
-    let bar = progress(matching.len());
-    let mut seen = HashSet::new();
-    let (mut replayed_count, mut dropped, mut failed) = (0usize, 0usize, 0usize);
-    for letter in &matching {
-        if !seen.insert(letter.event_id.clone()) {
-            snapshot.ack(letter).await?;
-            dropped += 1;
-        } else {
-            let properties = replayed(&letter.properties, Utc::now());
-            match to_work_queue(&publish, &topology, &letter.body, properties).await {
-                Ok(()) => {
-                    snapshot.ack(letter).await?;
-                    replayed_count += 1;
-                }
-                Err(error) => {
-                    tracing::error!(event_id = letter.event_id, %error, "could not replay; it stays in the dead-letter queue");
-                    failed += 1;
-                }
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let left = total - replayed_count - dropped;
-    let matched = matching.len();
-    drop(matching);
-    finish(connection, snapshot).await?;
     println!(
-        "replayed {replayed_count} of {matched} matching message(s); {dropped} duplicate copie(s) dropped; {failed} failed; {left} left in {}",
+        "replayed {} of {} matching message(s); {} duplicate copie(s) dropped; {} failed; {} left in {}",
+        outcome.replayed,
+        outcome.matched,
+        outcome.dropped,
+        outcome.failed,
+        outcome.left(),
         topology.dead_queue
     );
-    Ok(if failed == 0 {
+    Ok(if outcome.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-pub async fn purge(
-    broker: &BrokerArgs,
-    database: &DatabaseArgs,
-    event_ids: Vec<String>,
-    all: bool,
-    yes: bool,
-) -> anyhow::Result<ExitCode> {
-    if !yes {
-        eprintln!("purging discards messages for good: add --yes to confirm");
-        return Ok(ExitCode::from(2));
-    }
-    let pool = db::pool(database)?;
-    let (connection, snapshot) = snapshot(broker, "dlq purge").await?;
-    let filter = Filter {
-        all,
-        event_ids,
-        ..Filter::default()
+/// What a purge did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PurgeOutcome {
+    pub total: usize,
+    pub purged: usize,
+    /// The purged dead letters, one per event (each marked `purged` in the event log).
+    #[serde(skip)]
+    pub letters: Vec<DeadLetter>,
+}
+
+/// The dead letters `filter` matches, described as `dlq show` does: what an operator
+/// downloads before a purge.
+pub async fn export_matching(
+    connection: &lapin::Connection,
+    topology: &Topology,
+    filter: &Filter,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let snapshot = Snapshot::take(connection, topology, MAX_HELD).await?;
+    let now = Utc::now();
+    let described = snapshot
+        .letters
+        .iter()
+        .filter(|l| filter.matches_at(l, now))
+        .map(DeadLetter::describe)
+        .collect();
+    snapshot.release().await?;
+    Ok(described)
+}
+
+/// Discards the dead letters `filter` matches and marks their events `purged` in the log,
+/// the log first: if that fails, the message stays and the purge can be run again. The
+/// one purge code path: `processor dlq purge` and the console both call it.
+pub async fn purge_matching(
+    pool: &PgPool,
+    connection: &lapin::Connection,
+    topology: &Topology,
+    filter: &Filter,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<PurgeOutcome> {
+    let snapshot = Snapshot::take(connection, topology, MAX_HELD).await?;
+    let now = Utc::now();
+    let mut outcome = PurgeOutcome {
+        total: snapshot.letters.len(),
+        ..PurgeOutcome::default()
     };
-    let mut purged = 0usize;
     let mut recorded = HashSet::new();
-    for letter in snapshot.letters.iter().filter(|l| filter.matches(l)) {
-        // The log first: if that fails, the message stays and the command can be re-run.
+    for letter in snapshot
+        .letters
+        .iter()
+        .filter(|l| filter.matches_at(l, now))
+    {
         if recorded.insert(letter.event_id.clone()) {
             let message = EventMessage::from_delivery(
                 &letter.event_type,
@@ -275,16 +377,45 @@ pub async fn purge(
                 "purged from the dead-letter queue by an operator; last error: {}",
                 letter.last_error
             );
-            db::events::record_failure(&pool, &message, EventStatus::Purged, &note).await?;
+            db::events::record_failure(pool, &message, EventStatus::Purged, &note).await?;
+            outcome.letters.push(DeadLetter {
+                body: Vec::new(),
+                ..letter.clone()
+            });
         }
         snapshot.ack(letter).await?;
-        purged += 1;
+        outcome.purged += 1;
+        progress(outcome.purged);
     }
-    let left = snapshot.letters.len() - purged;
-    finish(connection, snapshot).await?;
+    snapshot.release().await?;
+    Ok(outcome)
+}
+
+pub async fn purge(
+    broker: &BrokerArgs,
+    database: &DatabaseArgs,
+    event_ids: Vec<String>,
+    all: bool,
+    yes: bool,
+) -> anyhow::Result<ExitCode> {
+    if !yes {
+        eprintln!("purging discards messages for good: add --yes to confirm");
+        return Ok(ExitCode::from(2));
+    }
+    let pool = db::pool(database)?;
+    let connection = connect(broker, "dlq purge").await?;
+    let filter = Filter {
+        all,
+        event_ids,
+        ..Filter::default()
+    };
+    let outcome = purge_matching(&pool, &connection, &broker.topology(), &filter, |_| {}).await?;
+    connection.close(200, "done".into()).await?;
     println!(
-        "purged {purged} message(s) ({} event(s)); {left} left",
-        recorded.len()
+        "purged {} message(s) ({} event(s)); {} left",
+        outcome.purged,
+        outcome.letters.len(),
+        outcome.total - outcome.purged
     );
     Ok(ExitCode::SUCCESS)
 }
