@@ -1,5 +1,6 @@
 //! The `stripe_events` log: one row per Stripe event id, whatever happened to it.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
@@ -161,15 +162,21 @@ pub async fn status(pool: &PgPool, event_id: &str) -> Result<Option<String>, sql
 
 /// Records a failed attempt outside the (rolled back) processing transaction, and counts it:
 /// the claim's own `attempts + 1` was rolled back with the rest. Never moves an event that
-/// is already done back to a failure status.
+/// is already done back to a failure status. The attempt also gets its own row in
+/// `stripe_event_attempts` (with `retry_due_at` when it waits for a retry), for its
+/// timeline.
 pub async fn record_failure(
     pool: &PgPool,
     message: &EventMessage,
     status: EventStatus,
     error: &str,
+    retry_due_at: Option<DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
     const QUERY: &str =
-        "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, status, attempts, last_error, received_at, body)
+        "WITH attempt AS (
+            INSERT INTO stripe_event_attempts (event_id, attempt, outcome, error, retry_due_at)
+            SELECT $1, $10, $4, $6, $11 WHERE $4 IN ('retrying', 'dead'))
+         INSERT INTO stripe_events (id, type, endpoint, livemode, payload, status, attempts, last_error, received_at, body)
          VALUES ($1, $2, $3, $8, $5, $4, 1, $6, $7, $9)
          ON CONFLICT (id) DO UPDATE
             SET status = EXCLUDED.status, last_error = EXCLUDED.last_error,
@@ -191,6 +198,8 @@ pub async fn record_failure(
         .bind(message.received_at)
         .bind(livemode)
         .bind(&message.body)
+        .bind(i32::try_from(message.attempt.max(1)).unwrap_or(i32::MAX))
+        .bind(retry_due_at)
         .execute(pool)
         .await
         .map(|_| ())

@@ -377,7 +377,7 @@ pub async fn purge_matching(
                 "purged from the dead-letter queue by an operator; last error: {}",
                 letter.last_error
             );
-            db::events::record_failure(pool, &message, EventStatus::Purged, &note).await?;
+            db::events::record_failure(pool, &message, EventStatus::Purged, &note, None).await?;
             outcome.letters.push(DeadLetter {
                 body: Vec::new(),
                 ..letter.clone()

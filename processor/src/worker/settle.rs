@@ -68,6 +68,12 @@ pub(super) async fn conclude(
             let last_error = match &action {
                 Move::Retry(_, f) | Move::DeadLetter(f) => f.last_error.clone(),
             };
+            let due = match &action {
+                Move::Retry(delay, _) => {
+                    Some(Utc::now() + chrono::Duration::from_std(*delay).unwrap_or_default())
+                }
+                Move::DeadLetter(_) => None,
+            };
             let pool = context.pool.clone();
             let attempt = message.attempt;
             // The event log is best effort; when the database was just found unreachable,
@@ -75,7 +81,7 @@ pub(super) async fn conclude(
             let reachable = !error.database_unreachable();
             let record = async move {
                 if reachable {
-                    record_failure(&pool, &message, status, &last_error).await
+                    record_failure(&pool, &message, status, &last_error, due).await
                 }
             };
             settle_by_moving(context, delivery, action, Some(attempt), record).await;
@@ -108,7 +114,8 @@ pub(super) async fn dead_letter_crashed(
     let failure = failure_now(delivery, "crash", &text);
     let pool = context.pool.clone();
     let attempt = message.attempt;
-    let record = async move { record_failure(&pool, &message, EventStatus::Dead, &text).await };
+    let record =
+        async move { record_failure(&pool, &message, EventStatus::Dead, &text, None).await };
     settle_by_moving(
         context,
         delivery,
@@ -313,8 +320,14 @@ pub(super) async fn already_dead_lettered(
 
 /// Best effort: the event log is for people; the broker holds the truth about the message.
 /// Bounded in time, since the database may be the very thing that is down.
-async fn record_failure(pool: &PgPool, message: &EventMessage, status: EventStatus, error: &str) {
-    let write = events::record_failure(pool, message, status, error);
+async fn record_failure(
+    pool: &PgPool,
+    message: &EventMessage,
+    status: EventStatus,
+    error: &str,
+    retry_due_at: Option<chrono::DateTime<Utc>>,
+) {
+    let write = events::record_failure(pool, message, status, error, retry_due_at);
     match tokio::time::timeout(Duration::from_secs(2), write).await {
         Ok(Ok(())) => {}
         Ok(Err(db_error)) => {

@@ -94,9 +94,14 @@ async fn filtered_replay_leaves_the_rest_in_place_and_dry_run_changes_nothing(po
     let mut sorted = order.clone();
     sorted.sort();
     assert_eq!(sorted, ["evt_p1", "evt_p2", "evt_p3", "evt_p4"], "{listed}");
-    // Listing twice shows the same order: nothing was removed or reordered.
+    // Listing twice shows the same order: nothing was removed or reordered. (Ids only: the
+    // ages may have ticked over between the two listings.)
     let (_, again) = ops(&pool, &prefix, &["dlq", "list"]).await;
-    assert_eq!(listed, again);
+    let again: Vec<&str> = again
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(order, again);
     let (_, only) = ops(
         &pool,
         &prefix,

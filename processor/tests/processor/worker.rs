@@ -445,6 +445,23 @@ async fn a_schedule_may_repeat_a_delay(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(attempts, 4);
+    // Each failed attempt is in the event's timeline, the retries with their due times.
+    let timeline: Vec<(i32, String, bool)> = sqlx::query_as(
+        "SELECT attempt, outcome, retry_due_at IS NOT NULL FROM stripe_event_attempts
+          WHERE event_id = 'evt_rep' ORDER BY at, id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        timeline,
+        [
+            (1, "retrying".into(), true),
+            (2, "retrying".into(), true),
+            (3, "retrying".into(), true),
+            (4, "dead".into(), false)
+        ]
+    );
 }
 
 /// While the database is unreachable, a batch waits and fails as a whole: its events do not

@@ -1,12 +1,9 @@
 //! `/events/{id}`: one event's story. The timeline from the event log (received, its
-//! deliveries and latest error, processed), from the dead-letter queue (class, attempts,
-//! first and last failure), and from `ops_audit` (replayed or purged, by which token,
-//! when); the purchase and access it produced or changed; the raw body, pretty-printed and
-//! masked.
-//!
-//! The event log keeps an event's latest state, not every attempt: the timeline shows the
-//! number of deliveries and the latest error, plus the failure times the dead letter
-//! carries.
+//! deliveries, processed), from `stripe_event_attempts` (each failed attempt with its error,
+//! and the due time of the retry it waited for), from the dead-letter queue (class,
+//! attempts, first and last failure), and from `ops_audit` (replayed or purged, by which
+//! token, when); the purchase and access it produced or changed; the raw body,
+//! pretty-printed and masked.
 
 use axum::Extension;
 use axum::extract::{Path, State};
@@ -40,6 +37,16 @@ struct EventRow {
     api_version: Option<String>,
 }
 
+/// A failed attempt, from `stripe_event_attempts`.
+#[derive(Debug, FromRow)]
+struct AttemptRow {
+    attempt: i32,
+    outcome: String,
+    error: String,
+    retry_due_at: Option<DateTime<Utc>>,
+    at: DateTime<Utc>,
+}
+
 /// One line of the timeline.
 struct Moment {
     at: DateTime<Utc>,
@@ -70,12 +77,19 @@ pub async fn show(
         .bind(&event_id)
         .fetch_optional(pool)
         .await?;
+        let attempts: Vec<AttemptRow> = sqlx::query_as(
+            "SELECT attempt, outcome, error, retry_due_at, at FROM stripe_event_attempts
+              WHERE event_id = $1 ORDER BY at, id",
+        )
+        .bind(&event_id)
+        .fetch_all(pool)
+        .await?;
         let letters = index::for_event(pool, &event_id).await?;
         let actions = audit::for_event(pool, &event_id).await?;
-        Ok::<_, sqlx::Error>((event, letters, actions))
+        Ok::<_, sqlx::Error>((event, attempts, letters, actions))
     }
     .await;
-    let (event, letters, actions) = match loaded {
+    let (event, attempts, letters, actions) = match loaded {
         Ok(l) => l,
         Err(error) => return super::failure("read the event", &error),
     };
@@ -110,6 +124,16 @@ pub async fn show(
                     strong { (e.attempts) " delivery attempt(s)" } "; latest recorded: status " code { (e.status) }
                     @if let Some(error) = &e.last_error { ", error: " span.error { (mask::mask_text(error)) } }
                     @if e.status == "retrying" { " — waiting in a delay queue for its next attempt" }
+                },
+            });
+        }
+        for a in &attempts {
+            timeline.push(Moment {
+                at: a.at,
+                what: html! {
+                    strong.error { "attempt " (a.attempt) " failed" } ": " span.error { (mask::mask_text(&a.error)) }
+                    @if let Some(due) = a.retry_due_at { " — retry due " (when(due)) }
+                    @else if a.outcome == "dead" { " — dead-lettered" }
                 },
             });
         }
