@@ -7,4 +7,6 @@ mod helpers;
 mod lifecycle;
 mod ops;
 mod purchases;
+mod reconcile;
+mod stripe_api_fake;
 mod worker;
