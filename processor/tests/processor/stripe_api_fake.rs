@@ -40,7 +40,8 @@ impl StoredEvent {
             event_type: value["type"].as_str().unwrap().to_owned(),
             created: value["created"].as_i64().unwrap(),
             delivered,
-            json: String::from_utf8(body.to_vec()).unwrap(),
+            // As an element of the list's `data`: without the file's trailing newline.
+            json: std::str::from_utf8(body).unwrap().trim().to_owned(),
         }
     }
 }
@@ -210,17 +211,13 @@ fn answer(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    let number_param = |name: &str| -> Result<Option<i64>, Response> {
-        match param(name) {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    &format!("Invalid integer: {v} ({name})"),
-                )
-            }),
-        }
+    let number_param = |name: &str| -> Result<Option<i64>, String> {
+        param(name)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("Invalid integer: {v} ({name})"))
+            })
+            .transpose()
     };
     let (gte, lte, limit) = match (
         number_param("created[gte]"),
@@ -228,7 +225,9 @@ fn answer(
         number_param("limit"),
     ) {
         (Ok(a), Ok(b), Ok(c)) => (a, b, c.unwrap_or(10)),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e);
+        }
     };
     if !(1..=100).contains(&limit) {
         return error(
