@@ -474,8 +474,8 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
         metrics::counter!("reconcile_runs_total", "outcome" => outcome).increment(1);
         print_summary(&summary, args.json)?;
         if let Some(Err(error)) = &result {
+            // The summary above says it too, on stdout; this is for the logs.
             tracing::error!(%error, "reconcile failed");
-            eprintln!("error: {error}");
         }
         let Some(every) = args.every else {
             return Ok(ExitCode::from(code));

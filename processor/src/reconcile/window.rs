@@ -87,15 +87,15 @@ impl WindowSpec {
         };
         if from >= to {
             return Err(WindowError::Reversed {
-                from: from.to_rfc3339(),
-                to: to.to_rfc3339(),
+                from: rfc3339(from),
+                to: rfc3339(to),
             });
         }
         // RETENTION is a constant that fits; the fallback is never taken.
         let oldest = now - TimeDelta::from_std(RETENTION).unwrap_or(TimeDelta::MAX);
         if from < oldest {
             return Err(WindowError::BeyondRetention {
-                start: from.to_rfc3339(),
+                start: rfc3339(from),
             });
         }
         Ok(Window { from, to })
@@ -112,6 +112,10 @@ impl Window {
     pub fn lte(&self) -> i64 {
         self.to.timestamp()
     }
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Parses `--from`/`--to`: RFC 3339, e.g. `2026-12-01T00:00:00Z`.
