@@ -258,11 +258,13 @@ def check(path, label):
             fail(f"processor sets `{key}`, which breaks --scale processor=3 {where}")
 
     # The ops console's settings go to the `console` service (profile `console`), not to
-    # every processor replica.
+    # every processor replica; `processor reconcile`'s own settings go to its service
+    # (profile `reconcile`).
     console_only = {"OPS_TOKEN", "OPS_READONLY_TOKEN", "OPS_CONSOLE_ADDR",
                     "OPS_CONSOLE_INDEX_INTERVAL"}
+    reconcile_only = {"STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_API_RATE"}
     checked = [("migrate", migrate_vars), ("ingest", ingest_vars),
-               ("processor", processor_vars - console_only)]
+               ("processor", processor_vars - console_only - reconcile_only)]
     if "console" in services:
         checked.append(("console", console_only | {"DATABASE_URL", "AMQP_URL", "AMQP_PREFIX"}))
     for name, wanted in checked:
@@ -302,6 +304,10 @@ for message in errors:
     print(f"check-compose: {message}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 PY
+
+# The `reconcile` profile validates too.
+run_compose "$tmp/empty.env" --profile reconcile config -q \
+    || die "docker-compose.yml does not validate with --profile reconcile"
 
 # The `cluster` profile (three broker nodes) validates too.
 run_compose "$tmp/empty.env" --profile cluster config -q \

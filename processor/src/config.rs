@@ -218,6 +218,9 @@ pub enum Command {
     },
     /// Live view of the queues and of what the processors do, refreshed every second.
     Watch(WatchArgs),
+    /// List events from Stripe's Events API and publish those the pipeline never received
+    /// (docs/RECONCILE.md).
+    Reconcile(Box<ReconcileArgs>),
     /// Whether a user may see a piece of content.
     Access {
         #[command(subcommand)]
@@ -433,6 +436,171 @@ fn parse_token(raw: &str) -> Result<SecretString, String> {
         return Err("ops console tokens must not contain spaces or control characters".into());
     }
     Ok(SecretString::from(raw.to_owned()))
+}
+
+#[derive(Clone, clap::Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The mode (live or test) of the endpoint the events are published for.
+    #[command(flatten)]
+    pub modes: shared::config::ModeArgs,
+
+    /// Stripe secret or restricted key that may read events (rk_… with `Events: Read`).
+    /// Never logged.
+    #[arg(long = "stripe-api-key", env = "STRIPE_API_KEY", hide_env_values = true,
+          value_parser = parse_api_key)]
+    pub api_key: SecretString,
+
+    /// Base URL of Stripe's API.
+    #[arg(long = "stripe-api-base", env = "STRIPE_API_BASE", default_value = "https://api.stripe.com",
+          value_parser = crate::reconcile::stripe_api::parse_base)]
+    pub api_base: url::Url,
+
+    /// Most requests to Stripe in any one second (Stripe allows 25 per second in test mode,
+    /// 100 in live mode, shared with everything else using the key).
+    #[arg(long = "stripe-api-rate", env = "STRIPE_API_RATE", default_value = "20",
+          value_parser = parse_rate)]
+    pub api_rate: std::num::NonZeroU32,
+
+    /// Longest wait for one answer from Stripe's API.
+    #[arg(long = "stripe-api-timeout", default_value = "30s",
+          value_parser = shared::config::parse_duration)]
+    pub api_timeout: Duration,
+
+    /// Reconcile the events created in this last period, e.g. `3d`, `12h` (at most 30 days:
+    /// Stripe keeps events that long).
+    #[arg(long, value_parser = shared::config::parse_duration,
+          conflicts_with_all = ["from", "to"])]
+    pub since: Option<Duration>,
+
+    /// Start of the window, RFC 3339 (e.g. 2026-12-01T00:00:00Z); not more than 30 days ago.
+    #[arg(long, value_parser = crate::reconcile::window::parse_timestamp)]
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+
+    /// End of the window, RFC 3339. Default: now.
+    #[arg(long, requires = "from", value_parser = crate::reconcile::window::parse_timestamp)]
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+
+    /// Only events of this type (repeatable, at most 20; Stripe's `types[]`).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_event_type)]
+    pub types: Vec<String>,
+
+    /// Only events whose webhook deliveries have not succeeded (Stripe's
+    /// `delivery_success=false`). Faster, but misses an event Stripe delivered and we
+    /// dropped (a 2xx answered by a bug).
+    #[arg(long)]
+    pub only_undelivered: bool,
+
+    /// List and count, publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The webhook endpoint the events are published for: its mode decides which events
+    /// belong (the other mode's are skipped).
+    #[arg(long, default_value = "booking", value_parser = parse_endpoint)]
+    pub endpoint: String,
+
+    /// Keep running: reconcile the --since window again every period, until SIGTERM.
+    #[arg(long, value_parser = parse_every, requires = "since")]
+    pub every: Option<Duration>,
+
+    /// Print the summary as JSON (one object per round) instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// With --every: address of a `/metrics` server (Prometheus). None by default.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// How long RabbitMQ may take to confirm one published event.
+    #[arg(long, default_value = "10s",
+          value_parser = shared::config::parse_duration)]
+    pub confirm_timeout: Duration,
+}
+
+impl fmt::Debug for ReconcileArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReconcileArgs")
+            .field("database", &self.database)
+            .field("broker", &self.broker)
+            .field("modes", &self.modes)
+            .field("api_key", &"[redacted]")
+            .field("api_base", &self.api_base.as_str())
+            .field("api_rate", &self.api_rate)
+            .field("api_timeout", &self.api_timeout)
+            .field("since", &self.since)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("types", &self.types)
+            .field("only_undelivered", &self.only_undelivered)
+            .field("dry_run", &self.dry_run)
+            .field("endpoint", &self.endpoint)
+            .field("every", &self.every)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_api_key(raw: &str) -> Result<SecretString, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err("STRIPE_API_KEY is empty".into());
+    }
+    // The value is not echoed.
+    if !(raw.starts_with("sk_") || raw.starts_with("rk_")) {
+        return Err(
+            "STRIPE_API_KEY must be a secret (sk_…) or restricted (rk_…) key, not a publishable or webhook one"
+                .into(),
+        );
+    }
+    Ok(SecretString::from(raw.to_owned()))
+}
+
+fn parse_rate(raw: &str) -> Result<std::num::NonZeroU32, String> {
+    match raw.trim().parse::<u32>() {
+        Ok(rate @ 1..=100) => std::num::NonZeroU32::new(rate).ok_or_else(String::new),
+        _ => Err(format!(
+            "STRIPE_API_RATE `{raw}` must be a whole number of requests per second, 1-100"
+        )),
+    }
+}
+
+fn parse_event_type(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 255
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '*'));
+    if ok {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!(
+            "--type `{raw}` is not a Stripe event type (e.g. checkout.session.completed, charge.*)"
+        ))
+    }
+}
+
+fn parse_endpoint(raw: &str) -> Result<String, String> {
+    if shared::config::ENDPOINTS.contains(&raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!(
+            "--endpoint `{raw}` is not one of {}",
+            shared::config::ENDPOINTS.join(", ")
+        ))
+    }
+}
+
+fn parse_every(raw: &str) -> Result<Duration, String> {
+    let every = shared::config::parse_duration(raw)?;
+    if every < Duration::from_secs(60) {
+        return Err(format!(
+            "--every `{raw}` is too short: at least 1m (each round lists the whole window)"
+        ));
+    }
+    Ok(every)
 }
 
 #[cfg(test)]

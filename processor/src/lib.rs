@@ -9,7 +9,8 @@
 //! - [`config`]: settings and subcommands; [`worker`]: consuming and settling deliveries;
 //! - [`handler`]: what each event type does; [`checkout`]: sessions and their metadata;
 //! - [`console`]: the ops console in the browser;
-//! - [`db`]: queries and migrations; [`split`]: the revenue split; [`error`]: failure classes.
+//! - [`db`]: queries and migrations; [`split`]: the revenue split; [`error`]: failure classes;
+//! - [`reconcile`]: recovering events webhooks never delivered, from Stripe's Events API.
 
 pub mod checkout;
 pub mod config;
@@ -21,5 +22,6 @@ pub mod handler;
 pub mod http;
 pub mod lifecycle;
 pub mod ops;
+pub mod reconcile;
 pub mod split;
 pub mod worker;

@@ -85,6 +85,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             } => event_log::replay(&database, &broker, &event_ids).await,
         },
         Command::Watch(args) => watch::run(&args).await,
+        Command::Reconcile(args) => processor::reconcile::run(*args).await,
         Command::Access {
             command:
                 AccessCommand::Check {

@@ -4,8 +4,11 @@
 //! - body: the raw webhook body, byte for byte as Stripe sent it (the signature covers it);
 //! - routing key: the event type; `message_id`: the event id;
 //! - persistent (delivery mode 2), `content_type` `application/json`;
-//! - headers: [`HEADER_ENDPOINT`], [`HEADER_RECEIVED_AT`], and [`HEADER_ATTEMPT`] once a
-//!   message has been retried.
+//! - headers: [`HEADER_ENDPOINT`], [`HEADER_RECEIVED_AT`], [`HEADER_SOURCE`], and
+//!   [`HEADER_ATTEMPT`] once a message has been retried.
+//!
+//! An event listed from Stripe's Events API by `processor reconcile` travels the same way,
+//! its body the event's JSON as the API returned it, marked [`EventSource::Api`].
 
 use chrono::{DateTime, TimeZone, Utc};
 use lapin::BasicProperties;
@@ -15,6 +18,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 pub const HEADER_ENDPOINT: &str = "x-stripe-endpoint";
 /// When ingest received it, unix milliseconds.
 pub const HEADER_RECEIVED_AT: &str = "x-received-at-ms";
+/// How the event reached us: `webhook` (ingest) or `api` (`processor reconcile`). A message
+/// without it came from ingest before the header existed: a webhook.
+pub const HEADER_SOURCE: &str = "x-event-source";
 /// Processing attempt this delivery stands for (1 for the first). Our own header: brokers
 /// from 3.13 on ignore an `x-death` header that a client republishes.
 pub const HEADER_ATTEMPT: &str = "x-attempt";
@@ -37,6 +43,34 @@ pub const HEADER_LAST_FAILURE_AT: &str = "x-last-failure-at-ms";
 pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 
 const PERSISTENT: u8 = 2;
+
+/// How an event reached the pipeline (the [`HEADER_SOURCE`] header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventSource {
+    /// Posted to ingest by Stripe and signed: the normal path.
+    #[default]
+    Webhook,
+    /// Listed from Stripe's Events API by `processor reconcile` (no signature: the API call,
+    /// over TLS with our key, authenticated it).
+    Api,
+}
+
+impl EventSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Api => "api",
+        }
+    }
+
+    /// The source a message's headers name; a missing or unknown value reads as a webhook.
+    pub fn of(headers: &FieldTable) -> Self {
+        match header_str(headers, HEADER_SOURCE).as_deref() {
+            Some("api") => Self::Api,
+            _ => Self::Webhook,
+        }
+    }
+}
 
 /// The failure a retried or dead-lettered message carries in its headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,9 +199,15 @@ pub fn short(field: &'static str, value: &str) -> Result<ShortString, ContractEr
 }
 
 impl EventMessage {
-    /// Properties of the message as published: persistent, with id and headers.
+    /// Properties of the message as ingest publishes it: persistent, with id and headers.
     pub fn properties(&self) -> Result<BasicProperties, ContractError> {
+        self.properties_from(EventSource::Webhook)
+    }
+
+    /// The same, marked as coming from `source`.
+    pub fn properties_from(&self, source: EventSource) -> Result<BasicProperties, ContractError> {
         let mut headers = FieldTable::default();
+        headers.insert(HEADER_SOURCE.into(), long_string(source.as_str()));
         headers.insert(HEADER_ENDPOINT.into(), long_string(&self.endpoint));
         headers.insert(
             HEADER_RECEIVED_AT.into(),
@@ -266,6 +306,31 @@ mod tests {
         assert_eq!(props.delivery_mode(), &Some(2));
         let back = EventMessage::from_delivery("ignored.key", &props, b"{}".to_vec()).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn source_defaults_to_webhook() {
+        let msg = EventMessage {
+            event_id: "evt_1".into(),
+            event_type: "a.b".into(),
+            endpoint: "booking".into(),
+            received_at: Utc::now(),
+            attempt: 1,
+            body: vec![],
+        };
+        let headers = |props: BasicProperties| props.headers().clone().unwrap();
+        let webhook = headers(msg.properties().unwrap());
+        assert_eq!(EventSource::of(&webhook), EventSource::Webhook);
+        assert_eq!(
+            header_str(&webhook, HEADER_SOURCE).as_deref(),
+            Some("webhook")
+        );
+        let api = headers(msg.properties_from(EventSource::Api).unwrap());
+        assert_eq!(EventSource::of(&api), EventSource::Api);
+        assert_eq!(
+            EventSource::of(&FieldTable::default()),
+            EventSource::Webhook
+        );
     }
 
     #[test]

@@ -9,4 +9,6 @@ mod lifecycle;
 mod money;
 mod ops;
 mod purchases;
+mod reconcile;
+mod stripe_api_fake;
 mod worker;
