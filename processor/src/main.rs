@@ -98,6 +98,7 @@ async fn run(database: DatabaseArgs, worker: WorkerArgs) -> anyhow::Result<ExitC
         retry_delays: worker.retry_delays.0.clone(),
         max_attempts: worker.max_attempts(),
         shutdown_timeout: worker.shutdown_timeout,
+        #[cfg(feature = "test-hooks")]
         test_hook: worker.test_hook.clone(),
         batch: BatchLimits {
             size: usize::from(worker.batch_size),

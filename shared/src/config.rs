@@ -82,7 +82,7 @@ pub struct ModeArgs {
     /// Mode of every endpoint: `true` accepts live-mode events only, `false` test-mode
     /// events only.
     #[arg(long = "stripe-livemode", env = "STRIPE_LIVEMODE", default_value = "false",
-          value_parser = clap::builder::BoolishValueParser::new())]
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub livemode: bool,
     /// Mode of /webhooks/stripe/booking, overriding STRIPE_LIVEMODE.
     #[arg(long = "stripe-livemode-booking", env = "STRIPE_LIVEMODE_BOOKING",
@@ -205,7 +205,12 @@ mod tests {
             Some("live-mode event on a test-mode endpoint")
         );
 
-        let mixed = modes(&["--stripe-livemode", "true", "--stripe-livemode-connect", "no"]);
+        let mixed = modes(&[
+            "--stripe-livemode",
+            "true",
+            "--stripe-livemode-connect",
+            "no",
+        ]);
         assert!(mixed.is_live("booking") && !mixed.is_live("connect"));
         assert_eq!(
             mixed.mismatch("booking", false),
