@@ -19,7 +19,7 @@ const MIGRATION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(6
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    shared::telemetry::init(cli.log.log_format);
+    let _logs = shared::telemetry::init(cli.log.log_format);
     match cli.command {
         Command::Migrate { database } => {
             tracing::info!(?database, "applying migrations");

@@ -5,6 +5,7 @@ mod crash;
 mod end_to_end;
 mod helpers;
 mod lifecycle;
+mod logs;
 mod ops;
 mod purchases;
 mod worker;
