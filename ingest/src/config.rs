@@ -50,7 +50,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight: u32,
 
-    /// Webhook requests per minute allowed from one source IP; 0 turns the limit off.
+    /// Refused webhook requests (bad or missing signature, unknown endpoint) per minute
+    /// allowed from one source IP before it is answered 429; validly signed requests never
+    /// count. 0 turns the limit off.
     #[arg(long, env = "INGEST_RATE_LIMIT_PER_MINUTE", default_value_t = 1000)]
     pub rate_limit_per_minute: u32,
 
