@@ -36,7 +36,7 @@ enum Output {
 /// it with SIGTERM: it must answer every request and exit 0.
 async fn keeps_working_with(output: Output) {
     let unwritable = || Stdio::from(std::fs::File::open("/dev/null").unwrap());
-    let (mut child, base, internal, leftovers) = ingest_binary_with(
+    let (child, base, internal, leftovers) = ingest_binary_with(
         &[
             ("AMQP_URL", amqp_url()),
             ("STRIPE_WEBHOOK_SECRET_BOOKING", SECRET.into()),
@@ -49,13 +49,14 @@ async fn keeps_working_with(output: Output) {
             }
         },
     );
+    let mut child = Running(child);
     let kept = match output {
         Output::ReaderGone => {
-            drop(child.stdout.take());
-            drop(child.stderr.take());
+            drop(child.0.stdout.take());
+            drop(child.0.stderr.take());
             None
         }
-        Output::NeverRead => Some((child.stdout.take(), child.stderr.take())),
+        Output::NeverRead => Some((child.0.stdout.take(), child.0.stderr.take())),
         Output::Unwritable => None,
     };
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -101,7 +102,7 @@ async fn keeps_working_with(output: Output) {
     let health = client.get(format!("{internal}/healthz")).send().await;
     assert!(health.is_ok_and(|r| r.status() == 200), "{output:?}");
 
-    let status = stop(&mut child).await;
+    let status = stop(&mut child.0).await;
     assert_eq!(status.code(), Some(0), "{output:?}: {status}");
     drop(kept);
     let depth = channel
@@ -117,6 +118,19 @@ async fn keeps_working_with(output: Output) {
         .unwrap()
         .message_count();
     assert_eq!(depth, 400, "{output:?}");
+}
+
+/// The child process, killed when the test ends early (a failed assertion), so that no
+/// binary outlives its test.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// SIGTERM, then the exit status; fails the test if it takes more than 10 s.

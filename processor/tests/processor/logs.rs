@@ -21,6 +21,19 @@ enum Output {
     Unwritable,
 }
 
+/// The child process, killed when the test ends early (a failed assertion), so that no
+/// binary outlives its test.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// SIGTERM, then the exit status; fails the test if it takes more than 15 s.
 async fn stop(child: &mut Child) -> std::process::ExitStatus {
     let _ = std::process::Command::new("kill")
@@ -58,14 +71,14 @@ async fn keeps_working_with(pool: PgPool, output: Output) {
             command.stdout(unwritable()).stderr(unwritable());
         }
     }
-    let mut child = command.spawn().unwrap();
+    let mut child = Running(command.spawn().unwrap());
     let kept = match output {
         Output::ReaderGone => {
-            drop(child.stdout.take());
-            drop(child.stderr.take());
+            drop(child.0.stdout.take());
+            drop(child.0.stderr.take());
             None
         }
-        Output::NeverRead => Some((child.stdout.take(), child.stderr.take())),
+        Output::NeverRead => Some((child.0.stdout.take(), child.0.stderr.take())),
         Output::Unwritable => None,
     };
     // The first lines (the configuration, the migrations) are written before the first
@@ -85,10 +98,10 @@ async fn keeps_working_with(pool: PgPool, output: Output) {
     })
     .await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "{output:?}: the processor died"
     );
-    let status = stop(&mut child).await;
+    let status = stop(&mut child.0).await;
     assert_eq!(status.code(), Some(0), "{output:?}: {status}");
     drop(kept);
     assert_eq!(broker.depth(&broker.topology.work_queue).await, 0);
