@@ -347,3 +347,38 @@ pub struct WatchArgs {
     #[arg(long)]
     pub once: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_database_url_is_shown_without_any_password() {
+        for url in [
+            "postgres://app:hunter2@db:5432/purchases",
+            "postgres://app@db:5432/purchases?password=hunter2",
+            "postgresql://app@db/purchases?sslmode=verify-full&sslpassword=hunter2",
+        ] {
+            let cli = Cli::try_parse_from(["processor", "migrate", "--database-url", url]).unwrap();
+            let shown = format!("{cli:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn the_metrics_listener_is_on_loopback_by_default() {
+        let cli = Cli::try_parse_from([
+            "processor",
+            "run",
+            "--database-url",
+            "postgres://app@db/purchases",
+        ])
+        .unwrap();
+        let Command::Run { worker, .. } = cli.command else {
+            panic!("not run");
+        };
+        assert!(worker.metrics_addr.ip().is_loopback());
+    }
+}
