@@ -25,6 +25,9 @@ export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export STRIPE_WEBHOOK_SECRET_BOOKING="${STRIPE_WEBHOOK_SECRET_BOOKING:-whsec_test_secret}"
 ingest_addr="${INGEST_ADDR:-0.0.0.0:8080}"
 ingest_port="${ingest_addr##*:}"
+# /readyz, /healthz and /metrics are on ingest's internal listener, apart from the webhooks.
+ingest_metrics_addr="${INGEST_METRICS_ADDR:-127.0.0.1:9091}"
+ingest_metrics_port="${ingest_metrics_addr##*:}"
 work_queue="${AMQP_PREFIX:-stripe.events}.processor"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -119,17 +122,18 @@ pids+=("$ingest_pid")
 ready=""
 for _ in $(seq 1 60); do
     alive "$ingest_pid" || die "ingest exited; see its log above"
-    if curl -fsS "http://127.0.0.1:$ingest_port/readyz" >/dev/null 2>&1; then
+    if curl -fsS "http://127.0.0.1:$ingest_metrics_port/readyz" >/dev/null 2>&1; then
         ready=1
         break
     fi
     sleep 1
 done
-[[ -n "$ready" ]] || die "ingest is not ready after 60 s (http://127.0.0.1:$ingest_port/readyz)"
+[[ -n "$ready" ]] || die "ingest is not ready after 60 s (http://127.0.0.1:$ingest_metrics_port/readyz)"
 
 cat >&2 <<EOF
 
-Ready: ingest on http://127.0.0.1:$ingest_port (pid $ingest_pid), processor (pid $processor_pid).
+Ready: ingest on http://127.0.0.1:$ingest_port (pid $ingest_pid; probes and metrics on
+http://127.0.0.1:$ingest_metrics_port), processor (pid $processor_pid).
 The sample catalog is loaded.
 
 Send the sample paid checkout (signed with \$STRIPE_WEBHOOK_SECRET, default whsec_test_secret,

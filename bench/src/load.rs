@@ -94,8 +94,9 @@ fn secret() -> anyhow::Result<WebhookSecret> {
     WebhookSecret::parse(crate::world::SECRET, 1).context("the bench secret is invalid")
 }
 
-/// Opens up to `connections` connections before timing (GET /healthz), so that the timed
-/// requests do not pay for TCP set-up.
+/// Opens up to `connections` connections before timing (a GET, answered 404 at once by the
+/// webhook listener, which keeps the connection), so that the timed requests do not pay
+/// for TCP set-up.
 async fn warm_up(client: &Client, webhook_url: &str, connections: usize) {
     let health = webhook_url
         .split("/webhooks/")

@@ -210,10 +210,13 @@ impl World {
             return Ok(());
         }
         self.ingest_port = children::free_port()?;
+        // Probes are on ingest's internal listener.
+        let probe_port = children::free_port()?;
         let env = [
             ("AMQP_URL", self.amqp_url.clone()),
             ("AMQP_PREFIX", self.prefix.clone()),
             ("INGEST_ADDR", format!("127.0.0.1:{}", self.ingest_port)),
+            ("INGEST_METRICS_ADDR", format!("127.0.0.1:{probe_port}")),
             ("STRIPE_WEBHOOK_SECRET_BOOKING", SECRET.to_owned()),
             ("INGEST_RATE_LIMIT_PER_MINUTE", "0".to_owned()),
             ("RUST_LOG", "warn".to_owned()),
@@ -225,7 +228,7 @@ impl World {
             &env,
             self.log("ingest")?,
         )?;
-        let url = format!("http://127.0.0.1:{}/readyz", self.ingest_port);
+        let url = format!("http://127.0.0.1:{probe_port}/readyz");
         let ready = service.wait_ready(&url, Duration::from_secs(30)).await;
         self.ingest = Some(service);
         ready

@@ -369,9 +369,14 @@ async fn run(args: &Args, cleanup: &mut Cleanup) -> anyhow::Result<bool> {
         ));
     }
     let ingest_port = free_port()?;
+    let ingest_probe_port = free_port()?;
     let mut env = common.clone();
     env.extend([
         ("INGEST_ADDR".to_owned(), format!("127.0.0.1:{ingest_port}")),
+        (
+            "INGEST_METRICS_ADDR".to_owned(),
+            format!("127.0.0.1:{ingest_probe_port}"),
+        ),
         ("STRIPE_WEBHOOK_SECRET_BOOKING".to_owned(), secret.clone()),
         ("INGEST_RATE_LIMIT_PER_MINUTE".to_owned(), "0".to_owned()),
         ("INGEST_CONFIRM_TIMEOUT".to_owned(), "3s".to_owned()),
@@ -383,7 +388,7 @@ async fn run(args: &Args, cleanup: &mut Cleanup) -> anyhow::Result<bool> {
         &[],
         env,
         &logs,
-        format!("http://127.0.0.1:{ingest_port}/readyz"),
+        format!("http://127.0.0.1:{ingest_probe_port}/readyz"),
     );
     let rig = Arc::new(Mutex::new(Rig {
         cluster,

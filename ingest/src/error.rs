@@ -8,6 +8,7 @@ use shared::envelope::EnvelopeError;
 use shared::signature::SignatureError;
 
 use crate::publisher::PublishError;
+use crate::rate_limit::Refused;
 
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_UNAVAILABLE_SECS: u64 = 5;
@@ -49,12 +50,31 @@ impl WebhookError {
             Self::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+
+    /// Whether the request was refused before a valid signature was seen, so that it counts
+    /// against the sender's rate limit. A validly signed request never does, even when its
+    /// body turns out unusable or the broker is down.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::UnknownEndpoint(_)
+            | Self::BodyTooLarge { .. }
+            | Self::BodyTimeout(_)
+            | Self::BodyUnreadable
+            | Self::MissingSignature
+            | Self::SignatureNotText
+            | Self::Signature(_) => true,
+            Self::Envelope(_) | Self::Publish(_) => false,
+        }
+    }
 }
 
 impl IntoResponse for WebhookError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = json_error(status, &self.to_string());
+        if self.is_refusal() {
+            response.extensions_mut().insert(Refused);
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

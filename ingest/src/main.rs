@@ -8,7 +8,7 @@ use ingest::startup::Application;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    shared::telemetry::init(config.log.log_format);
+    let _logs = shared::telemetry::init(config.log.log_format);
     tracing::info!(?config, "starting ingest");
     let app = Application::build(&config)
         .await

@@ -1,10 +1,16 @@
 //! The HTTP server loop: axum's router on hyper, with what `axum::serve` does not offer.
 //!
-//! - A header read timeout: a client that opens a connection and trickles its request
-//!   headers (slowloris) is cut off, instead of holding a connection for ever. (The body has
-//!   its own timeout, in the webhook handler.)
-//! - Graceful shutdown: stop accepting, let every open connection finish its request, then
-//!   return.
+//! - HTTP/1.1 only. Stripe sends HTTP/1.1; serving HTTP/2 as well meant sniffing the first
+//!   bytes with no timer and running an HTTP/2 connection with none either, so a client
+//!   that sent nothing, or only the HTTP/2 preface, held a connection for ever. Now the
+//!   preface is refused at once like any malformed request.
+//! - A header read timeout (`INGEST_HEADER_TIMEOUT`): hyper starts it whenever it waits for
+//!   a request head, that is when the connection opens and again after every answer on a
+//!   kept-alive connection. So a client that sends nothing, trickles its headers (slowloris)
+//!   or leaves a kept-alive connection idle is cut off after that long. (The body has its
+//!   own timeout, in the webhook handler.)
+//! - Graceful shutdown: stop accepting, let every open connection finish its request (idle
+//!   ones are closed at once), then return.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,8 +19,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
@@ -28,6 +34,10 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -49,14 +59,7 @@ pub async fn serve(
                 .insert(ConnectInfo::<SocketAddr>(peer));
             router.clone().oneshot(request)
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -45,9 +45,9 @@ fn parse_database_url(raw: &str) -> Result<SecretString, String> {
     }
 }
 
-/// `postgres://user:pass@host/db` → `postgres://user:***@host/db`.
+/// `postgres://user:pass@host/db?sslpassword=x` → `postgres://user:***@host/db?sslpassword=***`.
 pub fn redact_url(url: &str) -> String {
-    shared::broker::redact(url)
+    shared::redact::url(url)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -113,8 +113,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "PROCESSOR_MAX_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_attempts: Option<u32>,
 
-    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "PROCESSOR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`. Loopback by
+    /// default: metrics are for the operator, not the world (Compose sets 0.0.0.0:9090 inside
+    /// the container, whose port it does not publish beyond the host).
+    #[arg(long, env = "PROCESSOR_METRICS_ADDR", default_value = "127.0.0.1:9090")]
     pub metrics_addr: std::net::SocketAddr,
 
     /// How often queue depths are sampled for the metrics.
@@ -122,7 +124,9 @@ pub struct WorkerArgs {
           value_parser = shared::config::parse_duration)]
     pub queue_sample_interval: Duration,
 
-    /// Test-only crash hook (see `worker::TestHook`).
+    /// Test-only crash hook (see `worker::TestHook`); only in builds with the `test-hooks`
+    /// feature, which release builds do not enable.
+    #[cfg(feature = "test-hooks")]
     #[arg(long, env = "PROCESSOR_TEST_HOOK", hide = true)]
     pub test_hook: Option<crate::worker::TestHook>,
 
@@ -621,5 +625,40 @@ mod tests {
                 .unwrap_err()
                 .contains("PROCESSOR_RETRY_DELAYS")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_database_url_is_shown_without_any_password() {
+        for url in [
+            "postgres://app:hunter2@db:5432/purchases",
+            "postgres://app@db:5432/purchases?password=hunter2",
+            "postgresql://app@db/purchases?sslmode=verify-full&sslpassword=hunter2",
+        ] {
+            let cli = Cli::try_parse_from(["processor", "migrate", "--database-url", url]).unwrap();
+            let shown = format!("{cli:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn the_metrics_listener_is_on_loopback_by_default() {
+        let cli = Cli::try_parse_from([
+            "processor",
+            "run",
+            "--database-url",
+            "postgres://app@db/purchases",
+        ])
+        .unwrap();
+        let Command::Run { worker, .. } = cli.command else {
+            panic!("not run");
+        };
+        assert!(worker.metrics_addr.ip().is_loopback());
     }
 }

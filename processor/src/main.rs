@@ -22,7 +22,7 @@ const MIGRATION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(6
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    shared::telemetry::init(cli.log.log_format);
+    let _logs = shared::telemetry::init(cli.log.log_format);
     match cli.command {
         Command::Migrate { database } => {
             tracing::info!(?database, "applying migrations");
@@ -131,6 +131,7 @@ async fn run(
         retry_delays: worker.retry_delays.0.clone(),
         max_attempts: worker.max_attempts(),
         shutdown_timeout: worker.shutdown_timeout,
+        #[cfg(feature = "test-hooks")]
         test_hook: worker.test_hook.clone(),
         batch: BatchLimits {
             size: usize::from(worker.batch_size),

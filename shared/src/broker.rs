@@ -71,7 +71,7 @@ impl AmqpUrls {
                 .with_connection_name(connection_name.as_bytes().to_vec().into());
             match Connection::connect(url, properties).await {
                 Ok(connection) => return Ok((connection, index)),
-                Err(error) => failures.push(format!("{}: {error}", redact(url))),
+                Err(error) => failures.push(format!("{}: {error}", crate::redact::url(url))),
             }
         }
         Err(BrokerError::Unreachable(failures.join("; ")))
@@ -86,22 +86,12 @@ impl fmt::Debug for AmqpUrls {
 
 impl fmt::Display for AmqpUrls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shown: Vec<String> = self.0.iter().map(|u| redact(u.expose_secret())).collect();
+        let shown: Vec<String> = self
+            .0
+            .iter()
+            .map(|u| crate::redact::url(u.expose_secret()))
+            .collect();
         f.write_str(&shown.join(","))
-    }
-}
-
-/// `amqp://user:pass@host:5672/vhost` → `amqp://user:***@host:5672/vhost`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "***".to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
     }
 }
 

@@ -74,53 +74,72 @@ pub const ENDPOINTS: [&str; 6] = [
     "dispute",
 ];
 
-/// Which Stripe mode (live or test) each endpoint accepts. An event of the other mode is
+/// Which Stripe mode (live or test) each endpoint accepts. (The argument ids are spelled
+/// out so that a binary can flatten these next to its per-endpoint secrets.) An event of the other mode is
 /// acknowledged (Stripe must not retry it) and recorded as `ignored`; it changes nothing.
 /// The default is a test-mode system, so a fresh install cannot create real purchases.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ModeArgs {
     /// Mode of every endpoint: `true` accepts live-mode events only, `false` test-mode
     /// events only.
-    #[arg(long = "stripe-livemode", env = "STRIPE_LIVEMODE", default_value = "false",
+    #[arg(id = "stripe-livemode", long = "stripe-livemode", env = "STRIPE_LIVEMODE", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub livemode: bool,
     /// Mode of /webhooks/stripe/booking, overriding STRIPE_LIVEMODE.
-    #[arg(long = "stripe-livemode-booking", env = "STRIPE_LIVEMODE_BOOKING",
+    #[arg(id = "stripe-livemode-booking", long = "stripe-livemode-booking", env = "STRIPE_LIVEMODE_BOOKING",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub booking: Option<bool>,
     /// Mode of /webhooks/stripe/payment, overriding STRIPE_LIVEMODE.
-    #[arg(long = "stripe-livemode-payment", env = "STRIPE_LIVEMODE_PAYMENT",
+    #[arg(id = "stripe-livemode-payment", long = "stripe-livemode-payment", env = "STRIPE_LIVEMODE_PAYMENT",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub payment: Option<bool>,
     /// Mode of /webhooks/stripe/subscription, overriding STRIPE_LIVEMODE.
-    #[arg(long = "stripe-livemode-subscription", env = "STRIPE_LIVEMODE_SUBSCRIPTION",
+    #[arg(id = "stripe-livemode-subscription", long = "stripe-livemode-subscription", env = "STRIPE_LIVEMODE_SUBSCRIPTION",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub subscription: Option<bool>,
     /// Mode of /webhooks/stripe/connect, overriding STRIPE_LIVEMODE.
-    #[arg(long = "stripe-livemode-connect", env = "STRIPE_LIVEMODE_CONNECT",
+    #[arg(id = "stripe-livemode-connect", long = "stripe-livemode-connect", env = "STRIPE_LIVEMODE_CONNECT",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub connect: Option<bool>,
     /// Mode of /webhooks/stripe/customer, overriding STRIPE_LIVEMODE.
-    #[arg(long = "stripe-livemode-customer", env = "STRIPE_LIVEMODE_CUSTOMER",
+    #[arg(id = "stripe-livemode-customer", long = "stripe-livemode-customer", env = "STRIPE_LIVEMODE_CUSTOMER",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub customer: Option<bool>,
     /// Mode of /webhooks/stripe/dispute, overriding STRIPE_LIVEMODE.
-    #[arg(long = "stripe-livemode-dispute", env = "STRIPE_LIVEMODE_DISPUTE",
+    #[arg(id = "stripe-livemode-dispute", long = "stripe-livemode-dispute", env = "STRIPE_LIVEMODE_DISPUTE",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub dispute: Option<bool>,
 }
 
 impl ModeArgs {
-    /// The mode each endpoint accepts.
-    pub fn modes(&self) -> EndpointModes {
-        let overrides = [
+    fn overrides(&self) -> [Option<bool>; 6] {
+        [
             self.booking,
             self.payment,
             self.subscription,
             self.connect,
             self.customer,
             self.dispute,
-        ];
+        ]
+    }
+
+    /// The variable that decides `endpoint`'s mode: its own override when set, else
+    /// STRIPE_LIVEMODE (for error messages that must name the setting to change).
+    pub fn variable_of(&self, endpoint: &str) -> String {
+        let overridden = ENDPOINTS
+            .into_iter()
+            .zip(self.overrides())
+            .any(|(e, mode)| e == endpoint && mode.is_some());
+        if overridden {
+            format!("STRIPE_LIVEMODE_{}", endpoint.to_uppercase())
+        } else {
+            "STRIPE_LIVEMODE".to_owned()
+        }
+    }
+
+    /// The mode each endpoint accepts.
+    pub fn modes(&self) -> EndpointModes {
+        let overrides = self.overrides();
         EndpointModes {
             live: ENDPOINTS
                 .into_iter()

@@ -5,6 +5,7 @@
 //! - [`contract`]: the message contract between ingest and processor (properties, headers).
 //! - [`topology`]: exchange and queue names and their declaration.
 //! - [`broker`]: connecting to RabbitMQ (one URL or a comma-separated list of nodes).
+//! - [`redact`]: masking the secrets of connection URLs before they are shown.
 //! - [`config`], [`telemetry`] and [`shutdown`]: settings, logging and the stop signal
 //!   common to both binaries.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod contract;
 pub mod envelope;
 pub mod metrics;
+pub mod redact;
 pub mod shutdown;
 pub mod signature;
 pub mod telemetry;

@@ -17,6 +17,13 @@ type HmacSha256 = Hmac<Sha256>;
 
 const SECRET_PREFIX: &str = "whsec_";
 
+/// The secret of Stripe's documented signature example, used by the fixtures and the
+/// test-mode defaults. Never acceptable on an endpoint that takes live-mode events.
+pub const SAMPLE_SECRET: &str = "whsec_test_secret";
+
+/// Shortest part after `whsec_` of a secret Stripe issues.
+const MIN_ISSUED_LEN: usize = 32;
+
 /// Stripe's default tolerance between the signed timestamp and our clock.
 pub const DEFAULT_TOLERANCE_SECS: u64 = 300;
 
@@ -54,6 +61,24 @@ impl WebhookSecret {
             return Err(SecretError::BadCharacters { position });
         }
         Ok(Self(SecretString::from(raw.to_owned())))
+    }
+
+    /// Whether this is the sample secret of Stripe's docs, the fixtures and the default
+    /// configuration: anyone can sign with it.
+    pub fn is_sample(&self) -> bool {
+        self.0.expose_secret() == SAMPLE_SECRET
+    }
+
+    /// Whether it has the shape of a secret Stripe issues: `whsec_` then at least 32
+    /// base64 characters (the Dashboard's are 32, the Stripe CLI's 64 hexadecimal digits).
+    /// A live endpoint with anything else was most likely configured by hand, by mistake.
+    pub fn looks_issued_by_stripe(&self) -> bool {
+        let secret = self.0.expose_secret();
+        let rest = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
+        rest.len() >= MIN_ISSUED_LEN
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
     }
 
     /// Parses a comma-separated list (rotation: the old and the new secret).

@@ -272,3 +272,24 @@ fn secrets_are_validated_and_never_printed() {
     assert!(!err.to_string().contains("oops_secret_value"));
     assert!(!format!("{:?}", list[0]).contains("one"));
 }
+
+#[test]
+fn issued_secrets_are_told_from_samples_and_hand_made_ones() {
+    let parse = |raw: &str| WebhookSecret::parse(raw, 1).unwrap();
+    let sample = parse(shared::signature::SAMPLE_SECRET);
+    assert!(sample.is_sample());
+    assert!(!sample.looks_issued_by_stripe());
+    // The shapes Stripe issues: the Dashboard's 32 characters, the CLI's 64 hex digits.
+    let dashboard = parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    assert!(dashboard.looks_issued_by_stripe() && !dashboard.is_sample());
+    assert!(parse(&format!("whsec_{}", "0123456789abcdef".repeat(4))).looks_issued_by_stripe());
+    for hand_made in [
+        "whsec_rolled_secret_2",
+        "whsec_short",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa_w",
+        "whsec_test_secret_but_longer_than_32_chars",
+    ] {
+        assert!(!parse(hand_made).looks_issued_by_stripe(), "{hand_made}");
+    }
+}

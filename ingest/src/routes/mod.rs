@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::json_error;
+use crate::rate_limit::Refused;
 
 /// Counts webhook requests by endpoint and status (`ingest_requests_total`). Unknown
 /// endpoints share one label, so that random paths cannot grow the metric without bound.
@@ -33,9 +34,12 @@ pub async fn count_request(
     response
 }
 
-/// Any path we do not serve.
+/// Any path we do not serve. Counts against the sender's rate limit, like any request that
+/// names no endpoint.
 pub async fn not_found() -> Response {
-    json_error(StatusCode::NOT_FOUND, "no such route")
+    let mut response = json_error(StatusCode::NOT_FOUND, "no such route");
+    response.extensions_mut().insert(Refused);
+    response
 }
 
 /// Any method other than POST on the webhook route.
@@ -47,5 +51,6 @@ pub async fn method_not_allowed() -> Response {
     response
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response.extensions_mut().insert(Refused);
     response.into_response()
 }

@@ -1,3 +1,4 @@
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
@@ -36,8 +37,18 @@ pub fn sign_at(body: &[u8], t: i64) -> String {
     WebhookSecret::parse(SECRET, 1).unwrap().sign(t, body)
 }
 
+/// A well-formed, current signature made with a secret ingest does not know (401).
+pub fn sign_wrongly(body: &[u8]) -> String {
+    WebhookSecret::parse("whsec_not_the_endpoint_secret", 1)
+        .unwrap()
+        .sign(chrono::Utc::now().timestamp(), body)
+}
+
 pub struct TestApp {
+    /// The webhook server.
     pub base: String,
+    /// The internal server: /metrics, /healthz, /readyz.
+    pub internal: String,
     pub client: reqwest::Client,
     pub topology: Topology,
     pub channel: Channel,
@@ -73,6 +84,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let mut args = vec![
         "ingest".to_owned(),
         "--addr=127.0.0.1:0".to_owned(),
+        "--metrics-addr=127.0.0.1:0".to_owned(),
         format!("--amqp-url={}", options.amqp_url),
         format!("--amqp-prefix={prefix}"),
         format!("--secret-booking={SECRET}"),
@@ -102,12 +114,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 
     let app = Application::build(&config).await.unwrap();
     let base = format!("http://{}", app.local_addr().unwrap());
+    let internal = format!("http://{}", app.metrics_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = rx.await;
     }));
     let test_app = TestApp {
         base,
+        internal,
         client: reqwest::Client::new(),
         topology,
         channel,
@@ -126,7 +140,7 @@ impl TestApp {
         for _ in 0..100 {
             let response = self
                 .client
-                .get(format!("{}/readyz", self.base))
+                .get(format!("{}/readyz", self.internal))
                 .send()
                 .await
                 .unwrap();
@@ -245,4 +259,88 @@ pub async fn error_of(response: reqwest::Response) -> String {
         .as_str()
         .expect("error bodies have an `error` string")
         .to_owned()
+}
+
+// ---- the ingest binary -------------------------------------------------------------------
+
+/// Removes the exchange a binary run declared (its name is the prefix), when the test ends,
+/// even when it failed.
+pub struct BrokerLeftovers(pub String);
+
+impl Drop for BrokerLeftovers {
+    fn drop(&mut self) {
+        remove_exchange(self.0.clone());
+    }
+}
+
+/// A free port on the loopback address (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The ingest binary, started with only `args` as its environment (plus its two listen
+/// addresses and a fresh prefix); stdout and stderr are piped. Returns the child, the
+/// webhook server's and the internal server's base URLs.
+pub fn ingest_binary(args: &[(&str, String)]) -> (Child, String, String, BrokerLeftovers) {
+    ingest_binary_with(args, |_| {})
+}
+
+/// [`ingest_binary`], with a last say on the command (its stdio, say).
+pub fn ingest_binary_with(
+    args: &[(&str, String)],
+    adjust: impl FnOnce(&mut Command),
+) -> (Child, String, String, BrokerLeftovers) {
+    let (port, internal_port) = (free_port(), free_port());
+    let prefix = format!("test.{}", uuid::Uuid::new_v4().simple());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("INGEST_ADDR", format!("127.0.0.1:{port}"))
+        .env("INGEST_METRICS_ADDR", format!("127.0.0.1:{internal_port}"))
+        .env("AMQP_PREFIX", &prefix)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in args {
+        command.env(key, value);
+    }
+    adjust(&mut command);
+    (
+        command.spawn().unwrap(),
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{internal_port}"),
+        BrokerLeftovers(prefix),
+    )
+}
+
+/// Waits until the internal server at `internal` answers /healthz.
+pub async fn wait_healthy(client: &reqwest::Client, internal: &str) {
+    for _ in 0..100 {
+        if client
+            .get(format!("{internal}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("ingest binary did not start");
+}
+
+/// SIGTERM, then waits for the exit; returns the stderr read so far (empty when it was not
+/// piped).
+pub fn terminate(child: &mut Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let output = std::mem::replace(child, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }

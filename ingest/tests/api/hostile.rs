@@ -2,7 +2,7 @@
 //! enqueued; slow clients; a flood from one address; secrets never in the logs.
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -370,41 +370,6 @@ async fn slow_clients_cannot_hold_connections() {
     assert!(app.queued().await.is_empty());
 }
 
-/// Removes the exchange a binary run declared (its name is the prefix), when the test ends,
-/// even when it failed.
-struct BrokerLeftovers(String);
-
-impl Drop for BrokerLeftovers {
-    fn drop(&mut self) {
-        remove_exchange(self.0.clone());
-    }
-}
-
-fn ingest_binary(args: &[(&str, String)]) -> (Child, String, BrokerLeftovers) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let prefix = format!("test.{}", uuid::Uuid::new_v4().simple());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("INGEST_ADDR", format!("127.0.0.1:{port}"))
-        .env("AMQP_PREFIX", &prefix)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (key, value) in args {
-        command.env(key, value);
-    }
-    (
-        command.spawn().unwrap(),
-        format!("http://127.0.0.1:{port}"),
-        BrokerLeftovers(prefix),
-    )
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -414,36 +379,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    for _ in 0..100 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("ingest binary did not start");
-}
-
-fn terminate(child: &mut Child) -> String {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let output = std::mem::replace(child, Command::new("true").spawn().unwrap())
-        .wait_with_output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[tokio::test]
 async fn a_flood_from_one_address_gets_429s_without_memory_growth() {
-    let (mut child, base, _leftovers) = ingest_binary(&[
+    let (mut child, base, internal, _leftovers) = ingest_binary(&[
         ("AMQP_URL", amqp_url()),
         ("STRIPE_WEBHOOK_SECRET_BOOKING", SECRET.into()),
         ("INGEST_RATE_LIMIT_PER_MINUTE", "60".into()),
         ("RUST_LOG", "error".into()),
     ]);
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base).await;
+    wait_healthy(&client, &internal).await;
     let flood = |n: usize| {
         let client = client.clone();
         let base = base.clone();
@@ -451,10 +396,11 @@ async fn a_flood_from_one_address_gets_429s_without_memory_growth() {
             let mut limited = 0;
             let mut requests = futures_util::stream::iter(0..n)
                 .map(|_| {
+                    // Badly signed: only refused requests count against the limit.
                     let (_, body) = event("a.b");
                     client
                         .post(format!("{base}/webhooks/stripe/booking"))
-                        .header("stripe-signature", sign(&body))
+                        .header("stripe-signature", sign_wrongly(&body))
                         .body(body)
                         .send()
                 })
@@ -493,7 +439,7 @@ async fn a_flood_from_one_address_gets_429s_without_memory_growth() {
 async fn no_secret_ever_reaches_the_logs() {
     let secret = "whsec_this_value_must_never_be_logged";
     let rotated = "whsec_old_value_also_never_logged";
-    let (mut child, base, _leftovers) = ingest_binary(&[
+    let (mut child, base, internal, _leftovers) = ingest_binary(&[
         ("AMQP_URL", amqp_url()),
         (
             "STRIPE_WEBHOOK_SECRET_BOOKING",
@@ -514,9 +460,9 @@ async fn no_secret_ever_reaches_the_logs() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("STRIPE_WEBHOOK_SECRET_DISPUTE"), "{stderr}");
     assert!(!stderr.contains("not_a_whsec_secret_value"), "{stderr}");
-    drop(base);
+    drop((base, internal));
 
-    let (mut child, base, _leftovers) = ingest_binary(&[
+    let (mut child, base, internal, _leftovers) = ingest_binary(&[
         ("AMQP_URL", amqp_url()),
         (
             "STRIPE_WEBHOOK_SECRET_BOOKING",
@@ -526,7 +472,7 @@ async fn no_secret_ever_reaches_the_logs() {
         ("LOG_FORMAT", "json".into()),
     ]);
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base).await;
+    wait_healthy(&client, &internal).await;
     let (_, body) = event("a.b");
     let t = chrono::Utc::now().timestamp();
     let good = shared::signature::WebhookSecret::parse(secret, 1)

@@ -15,14 +15,14 @@ async fn broker_unreachable_gives_503_and_not_ready() {
     .await;
     let response = app
         .client
-        .get(format!("{}/readyz", app.base))
+        .get(format!("{}/readyz", app.internal))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 503);
     let health = app
         .client
-        .get(format!("{}/healthz", app.base))
+        .get(format!("{}/healthz", app.internal))
         .send()
         .await
         .unwrap();
@@ -132,8 +132,10 @@ async fn shutdown_finishes_in_flight_requests_then_refuses_connections() {
         ok,
         "every 200 is a queued message"
     );
-    let after = app.client.get(format!("{}/healthz", app.base)).send().await;
-    assert!(after.is_err(), "server still accepts after shutdown");
+    for base in [&app.base, &app.internal] {
+        let after = app.client.get(format!("{base}/healthz")).send().await;
+        assert!(after.is_err(), "{base} still accepts after shutdown");
+    }
 }
 
 /// The broker-side pid of the connection whose client name is `name`.

@@ -1,5 +1,7 @@
 //! Every answer ingest gives, and that nothing but a verified event reaches the queue.
 
+use shared::signature::WebhookSecret;
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -224,16 +226,32 @@ async fn too_large_body_is_413() {
 }
 
 #[tokio::test]
-async fn flood_from_one_address_is_rate_limited() {
+async fn only_refused_requests_count_against_the_rate_limit() {
     let app = spawn_app_with(Options {
         extra_args: vec!["--rate-limit-per-minute=3".into()],
         ..Options::default()
     })
     .await;
-    let mut statuses = Vec::new();
-    for _ in 0..5 {
+    // Validly signed requests never count: Stripe is not throttled.
+    for _ in 0..6 {
         let (_, body) = event("a.b");
-        let response = app.post_signed(body).await;
+        assert_eq!(app.post_signed(body).await.status(), 200);
+    }
+    // Refused ones do: a bad signature, a missing one, an endpoint that does not exist.
+    let mut statuses = Vec::new();
+    for attempt in 0..5 {
+        let (_, body) = event("a.b");
+        let response = match attempt {
+            0 => app.post("booking", body, Some("t=1,v1=00".into())).await,
+            1 => app.post("booking", body, None).await,
+            2 => app.post("no-such-endpoint", body, None).await,
+            _ => {
+                let forged = WebhookSecret::parse("whsec_forged", 1)
+                    .unwrap()
+                    .sign(chrono::Utc::now().timestamp(), &body);
+                app.post("booking", body, Some(forged)).await
+            }
+        };
         if response.status() == 429 {
             let retry_after: u64 = response.headers()["retry-after"]
                 .to_str()
@@ -241,22 +259,58 @@ async fn flood_from_one_address_is_rate_limited() {
                 .parse()
                 .unwrap();
             assert!((1..=60).contains(&retry_after), "{retry_after}");
-            assert!(error_of(response).await.contains("too many requests"));
+            assert!(
+                error_of(response)
+                    .await
+                    .contains("too many refused requests")
+            );
             statuses.push(429);
         } else {
             statuses.push(response.status().as_u16());
         }
     }
-    assert_eq!(statuses, [200, 200, 200, 429, 429]);
-    assert_eq!(app.queued().await.len(), 3);
-    // Health probes are not rate limited.
+    assert_eq!(statuses, [400, 400, 404, 429, 429]);
+    assert_eq!(app.queued().await.len(), 6);
+    // Health probes are on the internal server, which has no limit.
     let response = app
         .client
-        .get(format!("{}/healthz", app.base))
+        .get(format!("{}/healthz", app.internal))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn probes_and_metrics_are_served_on_the_internal_listener_only() {
+    let app = spawn_app().await;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let public = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(public.status(), 404, "{path} on the webhook listener");
+        let internal = app
+            .client
+            .get(format!("{}{path}", app.internal))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(internal.status(), 200, "{path} on the internal listener");
+    }
+    let (_, body) = event("a.b");
+    let webhook = app
+        .client
+        .post(format!("{}/webhooks/stripe/booking", app.internal))
+        .header("Stripe-Signature", sign(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status(), 404, "webhooks on the internal listener");
+    assert!(app.queued().await.is_empty());
 }
 
 #[tokio::test]
@@ -285,7 +339,7 @@ async fn metrics_count_requests_by_endpoint_and_status() {
 
     let text = app
         .client
-        .get(format!("{}/metrics", app.base))
+        .get(format!("{}/metrics", app.internal))
         .send()
         .await
         .unwrap()

@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use super::Context;
+#[cfg(feature = "test-hooks")]
 use super::hooks::{TestHook, crash};
 use super::settle::{
     ack, already_dead_lettered, conclude, dead_letter_crashed, dead_letter_malformed, nack_requeue,
@@ -201,6 +202,7 @@ async fn admit(context: &Context, delivery: Delivery) -> Option<Work> {
             return None;
         }
     }
+    #[cfg(feature = "test-hooks")]
     match &context.settings.test_hook {
         Some(TestHook::CrashOnEvent(id)) if *id == message.event_id => crash("crash-on-event"),
         Some(TestHook::PanicOnEvent(id)) if *id == message.event_id => {

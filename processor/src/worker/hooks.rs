@@ -1,4 +1,8 @@
 //! Test-only ways to crash the processor at chosen moments (the crash tests need them).
+//!
+//! Compiled only with the `test-hooks` feature: the processor's tests enable it (through a
+//! dev-dependency of the crate on itself), release builds do not, so a production binary
+//! has no `PROCESSOR_TEST_HOOK` and no code that aborts on purpose.
 
 /// Ways to make the processor die on purpose, as `kill -9` would, at the moments the crash
 /// tests need. Set with the hidden `PROCESSOR_TEST_HOOK` variable; never in production.

@@ -29,10 +29,12 @@
 
 mod batch;
 mod delay;
+#[cfg(feature = "test-hooks")]
 mod hooks;
 mod settle;
 
 pub use batch::BatchLimits;
+#[cfg(feature = "test-hooks")]
 pub use hooks::TestHook;
 
 use std::sync::Arc;
@@ -68,6 +70,7 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     pub shutdown_timeout: Duration,
     /// Only for the crash tests: see [`TestHook`].
+    #[cfg(feature = "test-hooks")]
     pub test_hook: Option<TestHook>,
     pub batch: BatchLimits,
 }

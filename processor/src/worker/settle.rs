@@ -15,6 +15,7 @@ use shared::contract::{
 use sqlx::PgPool;
 
 use super::Context;
+#[cfg(feature = "test-hooks")]
 use super::hooks::{TestHook, crash};
 use crate::db::events::{self, EventStatus};
 use crate::error::{FailureClass, ProcessError};
@@ -209,7 +210,9 @@ async fn settle_by_moving(
         Ok(()) => {
             record.await;
             metrics::counter!("processor_messages_total", "outcome" => outcome).increment(1);
+            #[cfg(feature = "test-hooks")]
             let hook = context.settings.test_hook.as_ref();
+            #[cfg(feature = "test-hooks")]
             if outcome == "dead_lettered" && hook == Some(&TestHook::CrashAfterDeadLetter) {
                 crash("crash-after-dead-letter");
             }

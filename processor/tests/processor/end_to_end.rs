@@ -21,6 +21,7 @@ async fn signed_post_becomes_a_purchase(pool: PgPool) {
     let config = ingest::config::Config::try_parse_from([
         "ingest",
         "--addr=127.0.0.1:0",
+        "--metrics-addr=127.0.0.1:0",
         &format!("--amqp-url={}", amqp_url()),
         &format!("--amqp-prefix={prefix}"),
         "--secret-booking=whsec_test_secret",
@@ -28,11 +29,12 @@ async fn signed_post_becomes_a_purchase(pool: PgPool) {
     .unwrap();
     let app = Application::build(&config).await.unwrap();
     let base = format!("http://{}", app.local_addr().unwrap());
+    let internal = format!("http://{}", app.metrics_addr().unwrap());
     let server = tokio::spawn(app.run_until(std::future::pending()));
     let client = reqwest::Client::new();
     wait_for("ingest to be ready", || async {
         client
-            .get(format!("{base}/readyz"))
+            .get(format!("{internal}/readyz"))
             .send()
             .await
             .is_ok_and(|r| r.status() == 200)

@@ -6,6 +6,7 @@ mod crash;
 mod end_to_end;
 mod helpers;
 mod lifecycle;
+mod logs;
 mod money;
 mod ops;
 mod purchases;
