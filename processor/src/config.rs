@@ -610,6 +610,7 @@ fn parse_every(raw: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn a_schedule_may_repeat_a_delay() {
@@ -626,12 +627,6 @@ mod tests {
                 .contains("PROCESSOR_RETRY_DELAYS")
         );
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
 
     #[test]
     fn the_database_url_is_shown_without_any_password() {
