@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use chrono::Utc;
 use serde_json::{Value, json};
 use shared::contract::EventMessage;
-use shared::envelope::EventEnvelope;
+use shared::envelope::EventHead;
 use shared::signature;
 
 use crate::error::WebhookError;
@@ -48,7 +48,9 @@ pub async fn receive(
         return Err(error.into());
     }
 
-    let envelope = EventEnvelope::parse(&body)?;
+    // Only id and type are needed here: the head parse reads the object through without
+    // building it, and accepts exactly the bodies the processor's full parse accepts.
+    let envelope = EventHead::parse(&body)?;
     let message = EventMessage {
         event_id: envelope.id,
         event_type: envelope.event_type,
