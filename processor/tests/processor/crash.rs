@@ -302,6 +302,7 @@ async fn a_crash_loop_dead_letters_the_killer_and_no_healthy_event(pool: PgPool)
         let mut command = processor(&pool, &prefix);
         command
             .args(["run"])
+            .env_remove("PROCESSOR_DELIVERY_LIMIT") // the default
             .env("PROCESSOR_RETRY_DELAYS", "200ms")
             .env("PROCESSOR_TEST_HOOK", "crash-on-event:evt_killer2")
             .stdout(Stdio::null())

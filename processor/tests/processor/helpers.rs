@@ -382,6 +382,9 @@ pub fn processor(pool: &PgPool, prefix: &str) -> std::process::Command {
         .env("AMQP_URL", amqp_url())
         .env("AMQP_PREFIX", prefix)
         .env("PROCESSOR_METRICS_ADDR", "127.0.0.1:0")
+        // The work queue's argument as `settings()` declares it: RabbitMQ refuses to
+        // redeclare a queue with another one.
+        .env("PROCESSOR_DELIVERY_LIMIT", "5")
         .env("RUST_LOG", "warn")
         .env_remove("PROCESSOR_TEST_HOOK");
     command
