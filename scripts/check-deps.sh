@@ -40,40 +40,28 @@ if [[ "${1:-}" == --refresh-snapshot ]]; then
     exit 0
 fi
 
-# cargo-deny reads a database from a git checkout under its db-path, in a directory named
-# after the URL; a local one is given as a file:// URL, and --disable-fetch keeps it as is.
-db_root="$tmp/dbs"
-mkdir -p "$db_root"
-if fetch_fresh; then
-    echo "check-deps: advisories from a fresh clone of $upstream ($(git -C "$tmp/fresh" log -1 --format=%cs))"
-    db_url="$upstream"
-    deny_args=()
+config=(--config "$root/deny.toml")
+if timeout 20 git ls-remote "$upstream" HEAD >/dev/null 2>&1; then
+    echo "check-deps: advisories from $upstream (fetched by cargo-deny)"
 else
     snapshot_date="$(sed -n 's/^snapshot: [0-9a-f]* //p' "$snapshot/README.md")"
     echo "check-deps: $upstream unreachable; advisories from the snapshot of $snapshot_date in .ci/advisory-db"
-    # A git repository of the snapshot, as cargo-deny expects one.
-    mkdir -p "$tmp/snapshot"
-    cp -a "$snapshot/crates" "$tmp/snapshot/"
-    git -C "$tmp/snapshot" init -q
-    git -C "$tmp/snapshot" add -A
-    GIT_AUTHOR_DATE="$snapshot_date" GIT_COMMITTER_DATE="$snapshot_date" \
-        git -C "$tmp/snapshot" -c user.name=ci -c user.email=ci@localhost commit -qm snapshot
-    db_url="file://$tmp/snapshot"
-    deny_args=()
+    # cargo-deny keeps each database as a git checkout in <db-path>/<name>-<hash of the URL>
+    # (this is the directory of RustSec's URL) and, with --offline, reads it as it is. The
+    # snapshot's commit carries its date, which cargo-deny reads as the database's age.
+    db="$tmp/dbs/advisory-db-3157b0e258782691"
+    mkdir -p "$db"
+    cp -a "$snapshot/crates" "$db/"
+    git -C "$db" init -q
+    git -C "$db" add -A
+    GIT_AUTHOR_DATE="$snapshot_date 12:00:00 +0000" GIT_COMMITTER_DATE="$snapshot_date 12:00:00 +0000" \
+        git -C "$db" -c user.name=ci -c user.email=ci@localhost commit -qm "RustSec snapshot"
+    # deny.toml with the database's location added to its [advisories] table.
+    sed "s|^\[advisories\]\$|[advisories]\ndb-path = \"$tmp/dbs\"\ndb-urls = [\"$upstream\"]|" \
+        "$root/deny.toml" > "$tmp/deny.toml"
+    config=(--offline --config "$tmp/deny.toml")
 fi
 
-printf '[advisories]\ndb-path = "%s"\ndb-urls = ["%s"]\n' "$db_root" "$db_url" > "$tmp/db.toml"
-python3 - "$root/deny.toml" "$tmp/db.toml" "$tmp/deny.toml" <<'PY'
-import sys
-base, extra, out = sys.argv[1:]
-text = open(base, encoding="utf-8").read()
-lines = open(extra, encoding="utf-8").read().splitlines()[1:]
-# The database location goes into deny.toml's own [advisories] table.
-text = text.replace("[advisories]\n", "[advisories]\n" + "\n".join(lines) + "\n", 1)
-open(out, "w", encoding="utf-8").write(text)
-PY
-
-cargo deny --locked check --config "$tmp/deny.toml" ${deny_args[@]+"${deny_args[@]}"} \
-    advisories bans licenses sources
+cargo deny --locked "${config[@]}" check advisories bans licenses sources
 cargo machete
 echo "check-deps: cargo deny and cargo machete OK"
