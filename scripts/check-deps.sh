@@ -62,6 +62,6 @@ else
     config=(--offline --config "$tmp/deny.toml")
 fi
 
-cargo deny --locked "${config[@]}" check advisories bans licenses sources
+cargo deny --locked "${config[@]}" check --hide-inclusion-graph advisories bans licenses sources
 cargo machete
 echo "check-deps: cargo deny and cargo machete OK"

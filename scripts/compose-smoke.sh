@@ -221,8 +221,7 @@ basic() {
     done
     compose exec -T rabbitmq rabbitmqctl -q list_queues name consumers messages \
         | awk 'NR == 1 || $1 == "stripe.events.processor"'
-    compose exec -T rabbitmq rabbitmqctl -q list_connections peer_host state \
-        | sort
+    compose exec -T rabbitmq rabbitmqctl -q list_connections peer_host state
     for id in $ids; do
         printf '%s at %s\n' "$(docker inspect -f '{{.Name}}' "$id")" \
             "$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id")"
@@ -244,7 +243,8 @@ cluster() {
         (( SECONDS < deadline )) || die "the work queue has $members members, not 3"
         sleep 3
     done
-    compose exec -T rabbitmq rabbitmqctl -q cluster_status | sed -n '/Running Nodes/,/^$/p'
+    printf 'running nodes: %s\n' "$(compose exec -T rabbitmq rabbitmqctl -q cluster_status \
+        | sed -n '/^Running Nodes/,/^Versions/p' | grep -o 'rabbit@[a-z0-9-]*' | tr '\n' ' ')"
     compose exec -T rabbitmq rabbitmqctl -q list_queues name members \
         | awk '$1 == "stripe.events.processor"'
 
@@ -256,7 +256,9 @@ cluster() {
     send_checkout _cluster
     say "the purchase in Compose's PostgreSQL"
     wait_purchase _cluster
-    compose logs --no-color ingest processor 2>&1 | grep -E 'connected to RabbitMQ|consuming' | tail -4 || true
+    # Each reconnected to the next node listed in AMQP_URL (node=1: rabbitmq-2).
+    compose logs --no-color ingest processor 2>&1 | sed 's/\x1b\[[0-9;]*m//g' \
+        | grep -E 'connected to RabbitMQ|consuming' | tail -4 || true
 
     say "down -v"
     compose down -v --remove-orphans

@@ -205,7 +205,12 @@ mod tests {
             Some("live-mode event on a test-mode endpoint")
         );
 
-        let mixed = modes(&["--stripe-livemode", "true", "--stripe-livemode-connect", "no"]);
+        let mixed = modes(&[
+            "--stripe-livemode",
+            "true",
+            "--stripe-livemode-connect",
+            "no",
+        ]);
         assert!(mixed.is_live("booking") && !mixed.is_live("connect"));
         assert_eq!(
             mixed.mismatch("booking", false),
