@@ -13,7 +13,8 @@
 #    and refuses it for a number or a duration), no unknown variable.
 # 3. .env.example lists every environment variable of both binaries, and every variable
 #    docker-compose.yml reads; the defaults in both files are the binaries' own.
-# 4. docs/CONFIGURATION.md's tables have a row for every one of those variables.
+# 4. A table in docs/ (docs/CONFIGURATION.md, or a command's own doc) has a row for every
+#    one of those variables.
 #    Every published port is bound to 127.0.0.1 unless a variable says otherwise, and the
 #    health checks use the internal listeners (ingest's INGEST_METRICS_ADDR).
 # 5. The Dockerfile's RUST_VERSION is at least the workspace's rust-version.
@@ -191,16 +192,19 @@ for name in sorted(read_by_compose - set(listed)):
 for name, value in re.findall(r"^\s*([A-Z][A-Z0-9_]*):\s*\$\{\1:-([^}]*)\}\s*$", compose_text, re.M):
     same_default(name, value, "docker-compose.yml")
 
-# --- docs/CONFIGURATION.md: the tables name every variable -------------------------------------
-with open("docs/CONFIGURATION.md", encoding="utf-8") as f:
-    config_doc = f.read()
+# --- docs/: a table row names every variable ---------------------------------------------------
+# docs/CONFIGURATION.md has the binaries' common settings; a command with a doc of its own
+# (docs/CONSOLE.md, docs/RECONCILE.md) may keep its settings' table there.
+rows = []
+for path in sorted(glob.glob("docs/*.md")):
+    with open(path, encoding="utf-8") as f:
+        rows += [line for line in f.read().splitlines() if line.startswith("|")]
 for name in sorted(everything - {"RUST_LOG"}):
     # A row of its own, or a name in a row that groups several (`…_PAYMENT`-style shorthands
     # count for the STRIPE_LIVEMODE_<ENDPOINT> overrides).
-    rows = [line for line in config_doc.splitlines() if line.startswith("|")]
     short = "`…_" + name.rsplit("_", 1)[-1] + "`" if name.startswith("STRIPE_LIVEMODE_") else None
     if not any(f"`{name}`" in row or (short and short in row) for row in rows):
-        fail(f"docs/CONFIGURATION.md's tables have no row for {name}")
+        fail(f"no table row in docs/*.md (docs/CONFIGURATION.md) names {name}")
 
 # --- the resolved compose file ----------------------------------------------------------------
 secrets_may_be_empty = re.compile(r"^STRIPE_WEBHOOK_SECRET_[A-Z]+$")
