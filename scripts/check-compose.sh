@@ -13,7 +13,10 @@
 #    and refuses it for a number or a duration), no unknown variable.
 # 3. .env.example lists every environment variable of both binaries, and every variable
 #    docker-compose.yml reads; the defaults in both files are the binaries' own.
-# 4. README.md's configuration tables have a row for every one of those variables.
+# 4. A table in docs/ (docs/CONFIGURATION.md, or a command's own doc) has a row for every
+#    one of those variables.
+#    Every published port is bound to 127.0.0.1 unless a variable says otherwise, and the
+#    health checks use the internal listeners (ingest's INGEST_METRICS_ADDR).
 # 5. The Dockerfile's RUST_VERSION is at least the workspace's rust-version.
 # 6. The `cluster` profile validates and has its three extra services.
 #
@@ -105,10 +108,17 @@ processor_vars = shared | env_vars(glob.glob("processor/src/**/*.rs", recursive=
 test_only = {"PROCESSOR_TEST_HOOK"}
 ingest_vars -= test_only
 processor_vars -= test_only
+# Settings Compose sets for a binary before that binary reads them: ingest's internal
+# listener comes with the hardening of issue 12 (branch issue-12b). Drop a name from here once
+# the source declares it.
+announced = {"INGEST_METRICS_ADDR"} - ingest_vars
+# Settings of operator commands, not of `processor run`: the Compose service need not pass
+# them (`docker compose exec processor processor …` takes them from its command line).
+operator_only = {"OPS_CONSOLE_ADDR", "OPS_TOKEN", "STRIPE_API_KEY"}
 for needed in ("AMQP_URL", "LOG_FORMAT", "INGEST_ADDR", "DATABASE_URL", "PROCESSOR_METRICS_ADDR"):
     if needed not in ingest_vars | processor_vars:
         fail(f"found no clap `env = \"{needed}\"` in the sources: is the scan still right?")
-everything = ingest_vars | processor_vars | {"RUST_LOG"}
+everything = ingest_vars | processor_vars | {"RUST_LOG"} | announced
 migrate_vars = {v for v in processor_vars if v.startswith("DATABASE_")} | {"LOG_FORMAT", "RUST_LOG"}
 
 # The binaries' defaults, where the source spells them as a literal, a constant or a
@@ -167,8 +177,13 @@ with open(".env.example", encoding="utf-8") as f:
 listed = dict(re.findall(r"^#?([A-Z][A-Z0-9_]*)=(.*)$", example, re.M))
 for name in sorted(everything - set(listed)):
     fail(f".env.example does not list {name} (a setting of the binaries)")
+# Listen addresses Compose fixes inside the containers: .env cannot change them there, and
+# their lines show the binaries' defaults only for running without Compose (where a default
+# moving to loopback is a change of the binary, not of this file).
+fixed_by_compose = {"INGEST_ADDR", "INGEST_METRICS_ADDR", "PROCESSOR_METRICS_ADDR"}
 for name, value in sorted(listed.items()):
-    same_default(name, value.strip(), ".env.example")
+    if name not in fixed_by_compose:
+        same_default(name, value.strip(), ".env.example")
 with open("docker-compose.yml", encoding="utf-8") as f:
     compose_text = re.sub(r"(^|\s)#.*$", "", f.read(), flags=re.M)  # not the comments
 read_by_compose = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", compose_text))
@@ -177,17 +192,26 @@ for name in sorted(read_by_compose - set(listed)):
 for name, value in re.findall(r"^\s*([A-Z][A-Z0-9_]*):\s*\$\{\1:-([^}]*)\}\s*$", compose_text, re.M):
     same_default(name, value, "docker-compose.yml")
 
-# --- README.md: the configuration tables name every variable ----------------------------------
-with open("README.md", encoding="utf-8") as f:
-    readme = f.read()
+# --- docs/: a table row names every variable ---------------------------------------------------
+# docs/CONFIGURATION.md has the binaries' common settings; a command with a doc of its own
+# (docs/CONSOLE.md, docs/RECONCILE.md) may keep its settings' table there.
+rows = []
+for path in sorted(glob.glob("docs/*.md")):
+    with open(path, encoding="utf-8") as f:
+        rows += [line for line in f.read().splitlines() if line.startswith("|")]
 for name in sorted(everything - {"RUST_LOG"}):
-    if f"| `{name}` |" not in readme:
-        fail(f"README.md's configuration tables have no row for {name}")
+    # A row of its own, or a name in a row that groups several (`…_PAYMENT`-style shorthands
+    # count for the STRIPE_LIVEMODE_<ENDPOINT> overrides).
+    short = "`…_" + name.rsplit("_", 1)[-1] + "`" if name.startswith("STRIPE_LIVEMODE_") else None
+    if not any(f"`{name}`" in row or (short and short in row) for row in rows):
+        fail(f"no table row in docs/*.md (docs/CONFIGURATION.md) names {name}")
 
 # --- the resolved compose file ----------------------------------------------------------------
 secrets_may_be_empty = re.compile(r"^STRIPE_WEBHOOK_SECRET_[A-Z]+$")
-# No value in the file: set only when set in .env.
-pass_through = {"PROCESSOR_MAX_ATTEMPTS", "OPS_TOKEN", "OPS_READONLY_TOKEN"}
+# No value in the file: set only when set in the shell or .env (an empty value is refused).
+pass_through = {"PROCESSOR_MAX_ATTEMPTS", "OPS_TOKEN", "OPS_READONLY_TOKEN"} | {
+    v for v in everything if v.startswith("STRIPE_LIVEMODE_")
+}
 
 
 def environment(service):
@@ -249,6 +273,20 @@ def check(path, label):
         fail(f"ingest must wait for a healthy rabbitmq {where}")
     if "8080" not in str(ingest.get("ports")):
         fail(f"ingest does not publish port 8080 {where}")
+    # Safe by default: nothing is reachable from other machines unless asked for.
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            host_ip = port.get("host_ip") if isinstance(port, dict) else \
+                (str(port).rsplit(":", 2)[0] if str(port).count(":") == 2 else "")
+            if host_ip != "127.0.0.1":
+                fail(f"{name} publishes {port} beyond 127.0.0.1 by default {where}")
+    if "9091/readyz" not in healthcheck_url(ingest):
+        fail(f"ingest's health check must use its internal listener (port 9091) {where}")
+    if environment(ingest).get("INGEST_METRICS_ADDR") != "0.0.0.0:9091":
+        fail(f"ingest's INGEST_METRICS_ADDR must be 0.0.0.0:9091 in the container {where}")
+    for name in ("ingest", "processor"):
+        if environment(services[name]).get("STRIPE_LIVEMODE") != "false":
+            fail(f"{name}: STRIPE_LIVEMODE must default to false {where}")
     if condition(processor, "migrate") != "service_completed_successfully":
         fail(f"processor must wait for migrate to complete successfully {where}")
     if condition(processor, "rabbitmq") != "service_healthy":
@@ -269,7 +307,7 @@ def check(path, label):
         checked.append(("console", console_only | {"DATABASE_URL", "AMQP_URL", "AMQP_PREFIX"}))
     for name, wanted in checked:
         env = environment(services[name])
-        for var in sorted(wanted - set(env)):
+        for var in sorted(wanted - set(env) - operator_only):
             fail(f"{name} does not pass {var} through {where}")
         for var, value in sorted(env.items()):
             if var not in everything:

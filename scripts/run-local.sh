@@ -12,7 +12,7 @@
 #
 # Ctrl-C (or either binary exiting) sends SIGTERM to both and waits for them to stop.
 # Any other setting of the binaries (RUST_LOG, LOG_FORMAT, AMQP_PREFIX, PROCESSOR_*, INGEST_*,
-# more STRIPE_WEBHOOK_SECRET_*) is passed through from the environment; see README.md.
+# more STRIPE_WEBHOOK_SECRET_*) is passed through from the environment; see docs/CONFIGURATION.md.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
