@@ -60,6 +60,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 console_port="$(free_port)"
 ingest_port="$(free_port)"
 metrics_port="$(free_port)"
+ingest_metrics_port="$(free_port)"
 foreign_port="$(free_port)"
 
 pids=()
@@ -88,7 +89,8 @@ OPS_CONSOLE_ADDR="127.0.0.1:$console_port" OPS_CONSOLE_INDEX_INTERVAL=1s \
 PROCESSOR_METRICS_ADDR="127.0.0.1:$metrics_port" PROCESSOR_RETRY_DELAYS=1s \
     "$work/processor" run >"$work/processor.log" 2>&1 &
 pids+=($!)
-INGEST_ADDR="127.0.0.1:$ingest_port" STRIPE_WEBHOOK_SECRET_BOOKING="$secret" \
+INGEST_ADDR="127.0.0.1:$ingest_port" INGEST_METRICS_ADDR="127.0.0.1:$ingest_metrics_port" \
+    STRIPE_WEBHOOK_SECRET_BOOKING="$secret" \
     "$work/ingest" >"$work/ingest.log" 2>&1 &
 pids+=($!)
 
@@ -101,7 +103,8 @@ wait_for() { # wait_for <what> <seconds> <command...>
     log "timed out waiting for $what"; return 1
 }
 wait_for "the processor to consume" 60 curl -sf "http://127.0.0.1:$metrics_port/readyz"
-wait_for "ingest" 60 curl -sf "http://127.0.0.1:$ingest_port/readyz"
+# Ingest's probes are on its internal listener, apart from the webhooks.
+wait_for "ingest" 60 curl -sf "http://127.0.0.1:$ingest_metrics_port/readyz"
 
 # Two paid sessions while the catalog is empty: permanently failing, dead-lettered at once.
 # The first will be replayed once the catalog is seeded; the second names content that
