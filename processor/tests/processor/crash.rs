@@ -332,9 +332,12 @@ async fn a_crash_loop_dead_letters_the_killer_and_no_healthy_event(pool: PgPool)
         let _ = child.kill();
         let _ = child.wait();
     }
+    // The event log, not the queue depth: right after a SIGKILL the broker may still be
+    // returning the dead consumer's unacked messages to the queue.
+    let settled_by_then = settled().await;
     assert!(
-        broker.depth(&broker.topology.work_queue).await >= 500,
-        "the kills came while hundreds of messages waited"
+        healthy + 1 - settled_by_then >= 300,
+        "the kills came while hundreds of messages waited ({settled_by_then} settled)"
     );
 
     // Then it keeps crashing on the killer only, until that one is dead-lettered.
