@@ -60,14 +60,14 @@ impl Outcome {
         }
     }
 
-    fn event_status(&self) -> EventStatus {
+    pub(crate) fn event_status(&self) -> EventStatus {
         match self {
             Self::Ignored(_) => EventStatus::Ignored,
             _ => EventStatus::Processed,
         }
     }
 
-    fn of(change: Change) -> Self {
+    pub(crate) fn of(change: Change) -> Self {
         match change {
             Change::Created {
                 id,
@@ -91,7 +91,7 @@ impl Outcome {
 }
 
 /// The effect an event should have, decided from the payload alone.
-enum Plan {
+pub(crate) enum Plan {
     Session {
         request: PurchaseRequest,
         signal: Signal,
@@ -221,16 +221,23 @@ pub async fn handle(
     Ok(outcome)
 }
 
-/// Handles one event inside the caller's transaction (the worker runs several events in one
-/// transaction, each under a savepoint). Nothing is final until the caller commits.
-///
-/// An event of the other mode than its endpoint's (`modes`) is recorded as ignored, with
-/// the mismatch as its note, and changes nothing else.
-pub async fn handle_in(
-    conn: &mut PgConnection,
+/// What an event is, read from its body alone, before the database is touched.
+pub(crate) struct Prepared {
+    pub plan: Plan,
+    /// When Stripe created the event.
+    pub at: DateTime<Utc>,
+    pub livemode: bool,
+    pub api_version: Option<String>,
+    /// The body for the queryable `payload` column.
+    pub payload: Value,
+}
+
+/// Parses the body and decides the event's effect. An event of the other mode than its
+/// endpoint's (`modes`) is to be ignored, with the mismatch as its note.
+pub(crate) fn prepare(
     message: &EventMessage,
     modes: &EndpointModes,
-) -> Result<Outcome, ProcessError> {
+) -> Result<Prepared, ProcessError> {
     let envelope = EventEnvelope::parse(&message.body)?;
     if envelope.id != message.event_id {
         return Err(ProcessError::IdMismatch {
@@ -242,11 +249,35 @@ pub async fn handle_in(
         Some(mismatch) => Plan::Ignore(mismatch),
         None => plan(&envelope)?,
     };
-    let at = created_at(&envelope);
-    let payload = events::payload_json(&message.body);
-    let received = events::Received {
+    Ok(Prepared {
+        plan,
+        at: created_at(&envelope),
         livemode: envelope.livemode,
-        api_version: envelope.api_version.as_deref(),
+        api_version: envelope.api_version,
+        payload: events::payload_json(&message.body),
+    })
+}
+
+/// Handles one event inside the caller's transaction (the worker runs several events in one
+/// transaction, each under a savepoint). Nothing is final until the caller commits.
+///
+/// An event of the other mode than its endpoint's (`modes`) is recorded as ignored, with
+/// the mismatch as its note, and changes nothing else.
+pub async fn handle_in(
+    conn: &mut PgConnection,
+    message: &EventMessage,
+    modes: &EndpointModes,
+) -> Result<Outcome, ProcessError> {
+    let Prepared {
+        plan,
+        at,
+        livemode,
+        api_version,
+        payload,
+    } = prepare(message, modes)?;
+    let received = events::Received {
+        livemode,
+        api_version: api_version.as_deref(),
         payload: &payload,
     };
 

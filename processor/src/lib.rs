@@ -12,6 +12,7 @@
 //! - [`db`]: queries and migrations; [`split`]: the revenue split; [`error`]: failure classes;
 //! - [`reconcile`]: recovering events webhooks never delivered, from Stripe's Events API.
 
+pub mod bulk;
 pub mod checkout;
 pub mod config;
 pub mod console;

@@ -15,12 +15,27 @@ pub async fn lock_ownership(
     customer: Uuid,
     content: Uuid,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text || $2::text, 0))")
-        .bind(customer)
-        .bind(content)
-        .execute(conn)
-        .await
-        .map(|_| ())
+    lock_ownerships(conn, &[(customer, content)]).await
+}
+
+/// [`lock_ownership`] for many (customer, content) pairs in one round trip. The locks are
+/// taken in the order of their keys, so two transactions locking overlapping sets never
+/// wait for each other in a circle.
+pub async fn lock_ownerships(
+    conn: &mut PgConnection,
+    pairs: &[(Uuid, Uuid)],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(key)
+           FROM (SELECT DISTINCT hashtextextended(customer::text || content::text, 0) AS key
+                   FROM unnest($1::uuid[], $2::uuid[]) AS p(customer, content)
+                  ORDER BY key) keys",
+    )
+    .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
+    .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// Whether the customer has access to the content through another purchase.
@@ -99,18 +114,14 @@ pub async fn sync(
     grant: bool,
 ) -> Result<(), sqlx::Error> {
     if grant {
-        sqlx::query(
-            "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
-             VALUES ($1, $2, $3, $4, 'purchase')
-             ON CONFLICT (user_id, content_id) DO UPDATE
-                SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
-              WHERE content_access.revoked_at IS NOT NULL",
+        grant_many(
+            conn,
+            &[Grant {
+                purchase_id,
+                customer_id,
+                content_id,
+            }],
         )
-        .bind(Uuid::new_v4())
-        .bind(customer_id)
-        .bind(content_id)
-        .bind(purchase_id)
-        .execute(conn)
         .await?;
     } else {
         sqlx::query("UPDATE content_access SET revoked_at = now() WHERE purchase_id = $1 AND revoked_at IS NULL")
@@ -119,4 +130,33 @@ pub async fn sync(
             .await?;
     }
     Ok(())
+}
+
+/// Access a purchase gives.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant {
+    pub purchase_id: Uuid,
+    pub customer_id: Uuid,
+    pub content_id: Uuid,
+}
+
+/// Grants access for each purchase, in one statement: a new grant, or a revoked one made
+/// active again for this purchase. An active grant is left as it is.
+pub async fn grant_many(conn: &mut PgConnection, grants: &[Grant]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
+         SELECT g.id, g.user_id, g.content_id, g.purchase_id, 'purchase'
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])
+                AS g(id, user_id, content_id, purchase_id)
+         ON CONFLICT (user_id, content_id) DO UPDATE
+            SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
+          WHERE content_access.revoked_at IS NOT NULL",
+    )
+    .bind(grants.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.customer_id).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.content_id).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.purchase_id).collect::<Vec<_>>())
+    .execute(conn)
+    .await
+    .map(|_| ())
 }

@@ -107,6 +107,81 @@ pub async fn claim(
     .await
 }
 
+/// A first delivery for [`claim_new`].
+pub struct NewEvent<'a> {
+    pub message: &'a EventMessage,
+    pub received: Received<'a>,
+}
+
+/// Records the events that are not in the log yet, in one statement, and locks their rows
+/// until the transaction ends. Returns the ids it recorded; an event already in the log
+/// (a repeat, a retry, a start counted by `strike`) is left to [`claim`].
+///
+/// The rows start with `attempts = 0`: [`finish_new`] counts the attempt, and an event
+/// left to the per-event path has it counted by [`claim`] instead, so an attempt counts
+/// once either way. Rows are inserted in the order of their ids, so that two batches
+/// sharing events wait for each other instead of deadlocking.
+pub async fn claim_new(
+    conn: &mut PgConnection,
+    events: &[NewEvent<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    fn column<'a, T>(events: &'a [NewEvent<'a>], get: impl Fn(&'a NewEvent<'a>) -> T) -> Vec<T> {
+        events.iter().map(get).collect()
+    }
+    sqlx::query_scalar(
+        "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, body, api_version, status, attempts, received_at)
+         SELECT id, type, endpoint, livemode, payload, body, api_version, 'received', 0, received_at
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::jsonb[], $6::bytea[], $7::text[], $8::timestamptz[])
+                AS e(id, type, endpoint, livemode, payload, body, api_version, received_at)
+          ORDER BY id
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(column(events, |e| e.message.event_id.as_str()))
+    .bind(column(events, |e| e.message.event_type.as_str()))
+    .bind(column(events, |e| e.message.endpoint.as_str()))
+    .bind(column(events, |e| e.received.livemode))
+    .bind(column(events, |e| e.received.payload))
+    .bind(column(events, |e| e.message.body.as_slice()))
+    .bind(column(events, |e| e.received.api_version))
+    .bind(column(events, |e| e.message.received_at))
+    .fetch_all(conn)
+    .await
+}
+
+/// How an event recorded by [`claim_new`] ended.
+pub struct Finished<'a> {
+    pub event_id: &'a str,
+    pub status: EventStatus,
+    pub note: Option<&'a str>,
+}
+
+/// [`finish`] for events recorded by [`claim_new`], in one statement; it also counts
+/// their attempt.
+pub async fn finish_new(
+    conn: &mut PgConnection,
+    finished: &[Finished<'_>],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE stripe_events e
+            SET status = f.status, last_error = f.note, attempts = e.attempts + 1,
+                crash_strikes = 0, processed_at = now(), updated_at = now()
+           FROM unnest($1::text[], $2::text[], $3::text[]) AS f(id, status, note)
+          WHERE e.id = f.id",
+    )
+    .bind(finished.iter().map(|f| f.event_id).collect::<Vec<_>>())
+    .bind(
+        finished
+            .iter()
+            .map(|f| f.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(finished.iter().map(|f| f.note).collect::<Vec<_>>())
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// Counts a start of handling of a delivery that the broker gave back (the processor died,
 /// or panicked, holding it), committed before the handling starts. Returns the count, or
 /// `None` when the event is done already (a leftover duplicate, nothing to count).

@@ -3,7 +3,9 @@
 pub mod access;
 pub mod adjustments;
 pub mod events;
+pub mod new_purchase;
 pub mod purchases;
+pub mod terms;
 
 use std::time::Duration;
 

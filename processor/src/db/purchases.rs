@@ -7,10 +7,11 @@ use uuid::Uuid;
 
 use super::access;
 use super::adjustments::{self, Adjustment, Kind};
+use super::new_purchase::{self, NewPurchase};
+use super::terms::{self, Lookup};
 use crate::checkout::PurchaseRequest;
 use crate::error::ProcessError;
 use crate::lifecycle::{self, Signal, Status};
-use crate::split;
 
 /// What an event did to the payment's purchase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,66 +82,6 @@ async fn lock(
     }))
 }
 
-/// The catalog facts and agreements in force at the time of purchase, in one round trip.
-struct Terms {
-    customer_exists: bool,
-    organization_id: Uuid,
-    platform_agreement_id: Option<Uuid>,
-    platform_bps: Option<i32>,
-    creator_org_agreement_id: Option<Uuid>,
-    organization_bps: Option<i32>,
-}
-
-/// An agreement is active at `at` when `effective_from ≤ at < effective_until`; when several
-/// are, the one that started last wins.
-const TERMS_SQL: &str = "
-SELECT c.organization_id,
-       EXISTS (SELECT 1 FROM users WHERE id = $2)    AS customer_exists,
-       opa.id                                        AS platform_agreement_id,
-       COALESCE(opa.platform_fee_bps, pfc.fee_bps)   AS platform_bps,
-       coa.id                                        AS creator_org_agreement_id,
-       coa.organization_fee_bps                      AS organization_bps
-  FROM content c
-  LEFT JOIN LATERAL (
-        SELECT id, platform_fee_bps FROM organization_platform_agreements
-         WHERE organization_id = c.organization_id
-           AND effective_from <= $3 AND (effective_until IS NULL OR effective_until > $3)
-         ORDER BY effective_from DESC LIMIT 1) opa ON true
-  LEFT JOIN LATERAL (
-        SELECT fee_bps FROM platform_fee_config
-         WHERE effective_from <= $3 AND (effective_until IS NULL OR effective_until > $3)
-         ORDER BY effective_from DESC LIMIT 1) pfc ON true
-  LEFT JOIN LATERAL (
-        SELECT id, organization_fee_bps FROM creator_organization_agreements
-         WHERE creator_id = c.creator_id AND organization_id = c.organization_id
-           AND effective_from <= $3 AND (effective_until IS NULL OR effective_until > $3)
-         ORDER BY effective_from DESC LIMIT 1) coa ON true
- WHERE c.id = $1";
-
-async fn load_terms(
-    conn: &mut PgConnection,
-    request: &PurchaseRequest,
-    at: DateTime<Utc>,
-) -> Result<Option<Terms>, sqlx::Error> {
-    let row = sqlx::query(TERMS_SQL)
-        .bind(request.content_id)
-        .bind(request.customer_id)
-        .bind(at)
-        .fetch_optional(conn)
-        .await?;
-    row.map(|row| {
-        Ok(Terms {
-            customer_exists: row.try_get("customer_exists")?,
-            organization_id: row.try_get("organization_id")?,
-            platform_agreement_id: row.try_get("platform_agreement_id")?,
-            platform_bps: row.try_get("platform_bps")?,
-            creator_org_agreement_id: row.try_get("creator_org_agreement_id")?,
-            organization_bps: row.try_get("organization_bps")?,
-        })
-    })
-    .transpose()
-}
-
 /// Applies a checkout-session event (paid, unpaid, payment failed) in the caller's
 /// transaction, following [`lifecycle::next`]. A new purchase gets the revenue split of the
 /// agreements in force at `at`, when Stripe says the payment happened, so a retry days later
@@ -183,81 +124,40 @@ async fn create(
     purchased_at: DateTime<Utc>,
     event_id: &str,
 ) -> Result<Option<Change>, ProcessError> {
-    let terms = load_terms(conn, request, purchased_at)
-        .await?
-        .ok_or(ProcessError::UnknownContent(request.content_id))?;
-    if !terms.customer_exists {
-        return Err(ProcessError::UnknownCustomer(request.customer_id));
-    }
-    if terms.organization_id != request.organization_id {
-        return Err(ProcessError::WrongOrganization {
-            content: request.content_id,
-            claimed: request.organization_id,
-            actual: terms.organization_id,
-        });
-    }
-    let platform_bps = terms
-        .platform_bps
-        .ok_or(ProcessError::NoPlatformFee(purchased_at))?;
-    let organization_bps = terms.organization_bps.unwrap_or(0);
-    let split = split::compute(request.amount_cents, platform_bps, organization_bps);
-
-    let insert = |status: Status| {
-        sqlx::query_scalar::<_, Uuid>(
-            "INSERT INTO purchases (
-                id, customer_id, content_id, organization_id, amount_paid_cents, currency, status,
-                stripe_payment_intent_id, stripe_checkout_session_id,
-                platform_fee_cents, organization_fee_cents, creator_payout_cents,
-                platform_agreement_id, creator_org_agreement_id, platform_fee_bps, organization_fee_bps,
-                stripe_event_id, purchased_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
-             ON CONFLICT DO NOTHING
-             RETURNING id",
-        )
-        .bind(Uuid::new_v4())
-        .bind(request.customer_id)
-        .bind(request.content_id)
-        .bind(request.organization_id)
-        .bind(i32::try_from(request.amount_cents).unwrap_or(i32::MAX))
-        .bind(&request.currency)
-        .bind(status.as_str())
-        .bind(&request.payment_intent_id)
-        .bind(&request.checkout_session_id)
-        .bind(cents(split.platform_fee_cents))
-        .bind(cents(split.organization_fee_cents))
-        .bind(cents(split.creator_payout_cents))
-        .bind(terms.platform_agreement_id)
-        .bind(terms.creator_org_agreement_id)
-        .bind(platform_bps)
-        .bind(organization_bps)
-        .bind(event_id)
-        .bind(purchased_at)
+    let lookup = Lookup {
+        content_id: request.content_id,
+        customer_id: request.customer_id,
+        at: purchased_at,
+        payment_intent_id: request.payment_intent_id.clone(),
+        checkout_session_id: request.checkout_session_id.clone(),
     };
+    let terms = terms::load(conn, std::slice::from_ref(&lookup))
+        .await?
+        .pop()
+        .flatten()
+        .ok_or(ProcessError::UnknownContent(request.content_id))?;
+    let mut row = NewPurchase::build(request, target, &terms, purchased_at, event_id)?;
 
-    // Any unique index can refuse the row: the payment intent or session (another
-    // transaction recorded this payment first) or, for a completed purchase, one completed
-    // purchase per customer and content (a double payment, kept for a refund).
-    if let Some(id) = insert(target).fetch_optional(&mut *conn).await? {
-        access::sync(
-            conn,
-            id,
-            request.customer_id,
-            request.content_id,
-            lifecycle::grants_access(target),
-        )
-        .await?;
+    // Any unique index can refuse the row (see `new_purchase::insert`).
+    if let Some(id) = new_purchase::insert(conn, std::slice::from_ref(&row))
+        .await?
+        .pop()
+    {
+        let grants = lifecycle::grants_access(target);
+        access::sync(conn, id, request.customer_id, request.content_id, grants).await?;
         return Ok(Some(Change::Created { id, status: target }));
     }
-    if target == Status::Completed
-        && !payment_recorded(conn, request).await?
-        && let Some(id) = insert(Status::RequiresRefund)
-            .fetch_optional(&mut *conn)
+    if target == Status::Completed && !payment_recorded(conn, request).await? {
+        row.status = Status::RequiresRefund;
+        if let Some(id) = new_purchase::insert(conn, std::slice::from_ref(&row))
             .await?
-    {
-        return Ok(Some(Change::Created {
-            id,
-            status: Status::RequiresRefund,
-        }));
+            .pop()
+        {
+            return Ok(Some(Change::Created {
+                id,
+                status: Status::RequiresRefund,
+            }));
+        }
     }
     Ok(None)
 }
@@ -457,11 +357,6 @@ pub async fn apply_dispute(
         Some(to) => move_to(conn, &purchase, to, at).await,
         None => Ok(Change::Updated { id: purchase.id }),
     }
-}
-
-fn cents(value: i64) -> i32 {
-    // The split of an i32 amount fits in i32.
-    i32::try_from(value).unwrap_or(i32::MAX)
 }
 
 async fn payment_recorded(

@@ -1,8 +1,10 @@
 //! Handling a batch of deliveries in one transaction.
 //!
 //! Committing once per event caps throughput at the database's commit rate; committing
-//! several events together lifts it. Each event runs under its own savepoint, so one that
-//! fails is rolled back alone and never fails its neighbours. Every delivery is settled only
+//! several events together lifts it, and handling the common events set-based
+//! ([`crate::bulk`]: a few multi-row statements for the whole batch) lifts it again. Every
+//! other event runs under its own savepoint, so one that fails is rolled back alone and
+//! never fails its neighbours. Every delivery is settled only
 //! after the commit that holds its effect. If the transaction as a whole fails (connection
 //! lost, deadlock with another batch, failed commit), each event is run again on its own,
 //! so a bad neighbour or an unlucky lock order never costs the others a retry delay. If the
@@ -23,6 +25,7 @@ use super::hooks::{TestHook, crash};
 use super::settle::{
     ack, already_dead_lettered, conclude, dead_letter_crashed, dead_letter_malformed, nack_requeue,
 };
+use crate::bulk;
 use crate::db::events;
 use crate::error::{FailureClass, ProcessError};
 use crate::handler::{self, Outcome};
@@ -238,7 +241,8 @@ async fn count_start(context: &Context, message: &EventMessage) -> Option<u32> {
     }
 }
 
-/// Runs every message under its own savepoint in one transaction. `Err` means the
+/// Runs the messages in one transaction: first the set-based path ([`bulk`]) for the
+/// common events, then every other message under its own savepoint. `Err` means the
 /// transaction itself failed and nothing of it was committed.
 ///
 /// One round trip of savepoint bookkeeping per event, not two: the release of one event's
@@ -252,13 +256,25 @@ async fn in_one_transaction(
     modes: &shared::config::EndpointModes,
 ) -> Result<Vec<Result<Outcome, ProcessError>>, ProcessError> {
     let mut tx = pool.begin().await?;
+    let mut results: Vec<Option<Result<Outcome, ProcessError>>> = if messages.len() > 1 {
+        bulk::handle(&mut tx, messages, modes)
+            .await?
+            .into_iter()
+            .map(|outcome| outcome.map(Ok))
+            .collect()
+    } else {
+        vec![None]
+    };
+    let rest: Vec<usize> = (0..messages.len())
+        .filter(|&index| results[index].is_none())
+        .collect();
     let alone = messages.len() == 1;
-    if !alone {
+    if !alone && !rest.is_empty() {
         sqlx::query("SAVEPOINT event").execute(&mut *tx).await?;
     }
-    let mut results = Vec::with_capacity(messages.len());
-    for (index, message) in messages.iter().enumerate() {
-        let more = index + 1 < messages.len();
+    for (position, &index) in rest.iter().enumerate() {
+        let message = messages[index];
+        let more = position + 1 < rest.len();
         match handler::handle_in(&mut tx, message, modes).await {
             Ok(outcome) => {
                 if more {
@@ -267,7 +283,7 @@ async fn in_one_transaction(
                         .execute(&mut *tx)
                         .await?;
                 }
-                results.push(Ok(outcome));
+                results[index] = Some(Ok(outcome));
             }
             // A database failure that may concern the whole transaction (connection,
             // deadlock, serialization): give up on the batch.
@@ -282,12 +298,16 @@ async fn in_one_transaction(
                 sqlx::query("ROLLBACK TO SAVEPOINT event")
                     .execute(&mut *tx)
                     .await?;
-                results.push(Err(error));
+                results[index] = Some(Err(error));
             }
         }
     }
     tx.commit().await?;
-    Ok(results)
+    // Every message has its result: from the set-based path or from the loop above.
+    Ok(results
+        .into_iter()
+        .map(|result| result.unwrap_or(Err(ProcessError::Concurrent)))
+        .collect())
 }
 
 /// Batches are bounded in size and in how long the first delivery waits for company.

@@ -1,6 +1,7 @@
 //! The processor against a real PostgreSQL (a fresh database per test, via `#[sqlx::test]`)
 //! and, for the worker and end-to-end tests, a real RabbitMQ (own queue names per test).
 
+mod bulk;
 mod console;
 mod crash;
 mod end_to_end;

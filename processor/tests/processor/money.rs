@@ -532,7 +532,7 @@ async fn twin_promotion_under_concurrent_events(pool: PgPool) {
     }
 }
 
-fn free_session(p: &Payment, amount_metadata: &str) -> shared::contract::EventMessage {
+pub fn free_session(p: &Payment, amount_metadata: &str) -> shared::contract::EventMessage {
     let session = format!("cs_{}", p.n);
     let mut event = p.event("checkout.session.completed.json", "free", |e| {
         let object = &mut e["data"]["object"];
