@@ -32,25 +32,38 @@ pub struct Terms {
 }
 
 /// An agreement is active at `at` when `effective_from ≤ at < effective_until`; when several
-/// are, the one that started last wins. `payment_recorded` is two EXISTS, not one with OR:
-/// see [`super::purchases::LOCK_SQL`].
+/// are, the one that started last wins.
+///
+/// The existence checks are `LATERAL … LIMIT 1`, not `EXISTS` in the select list: for a
+/// batch of lookups PostgreSQL turns such an `EXISTS` into a hashed subplan that reads every
+/// completed purchase (or every user) once per statement, which grows with the table; a
+/// lateral probe is one index lookup per row whatever the size. The payment is probed by
+/// intent and by session separately: see [`super::purchases::LOCK_SQL`].
 const TERMS_SQL: &str = "
 SELECT r.ord,
        c.organization_id,
-       EXISTS (SELECT 1 FROM users WHERE id = r.customer_id)  AS customer_exists,
-       opa.id                                                 AS platform_agreement_id,
-       COALESCE(opa.platform_fee_bps, pfc.fee_bps)            AS platform_bps,
-       coa.id                                                 AS creator_org_agreement_id,
-       coa.organization_fee_bps                               AS organization_bps,
-       (EXISTS (SELECT 1 FROM purchases WHERE stripe_payment_intent_id = r.payment_intent)
-        OR EXISTS (SELECT 1 FROM purchases WHERE stripe_checkout_session_id = r.session))
-                                                              AS payment_recorded,
-       EXISTS (SELECT 1 FROM purchases
-                WHERE customer_id = r.customer_id AND content_id = r.content_id
-                  AND status = 'completed')                   AS owned
+       cu.found IS NOT NULL                                        AS customer_exists,
+       opa.id                                                      AS platform_agreement_id,
+       COALESCE(opa.platform_fee_bps, pfc.fee_bps)                 AS platform_bps,
+       coa.id                                                      AS creator_org_agreement_id,
+       coa.organization_fee_bps                                    AS organization_bps,
+       (by_intent.found IS NOT NULL OR by_session.found IS NOT NULL) AS payment_recorded,
+       owned.found IS NOT NULL                                     AS owned
   FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[])
        WITH ORDINALITY AS r(content_id, customer_id, at, payment_intent, session, ord)
   JOIN content c ON c.id = r.content_id
+  LEFT JOIN LATERAL (
+        SELECT true AS found FROM users WHERE id = r.customer_id LIMIT 1) cu ON true
+  LEFT JOIN LATERAL (
+        SELECT true AS found FROM purchases
+         WHERE stripe_payment_intent_id = r.payment_intent LIMIT 1) by_intent ON true
+  LEFT JOIN LATERAL (
+        SELECT true AS found FROM purchases
+         WHERE stripe_checkout_session_id = r.session LIMIT 1) by_session ON true
+  LEFT JOIN LATERAL (
+        SELECT true AS found FROM purchases
+         WHERE customer_id = r.customer_id AND content_id = r.content_id
+           AND status = 'completed' LIMIT 1) owned ON true
   LEFT JOIN LATERAL (
         SELECT id, platform_fee_bps FROM organization_platform_agreements
          WHERE organization_id = c.organization_id
