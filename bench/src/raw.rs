@@ -35,7 +35,7 @@ pub struct RawBroker {
 /// Publishes `events` as ingest does (topic exchange → quorum work queue declared with the
 /// processor's arguments; persistent, mandatory, the contract's properties), `in_flight`
 /// publishes awaiting their confirm at any time, spread over `raw_channels` channels of one
-/// connection. Nobody consumes the queue, as in the ingest phases.
+/// connection. Nobody consumes the queue, as in the ingest phases; it is deleted after.
 pub async fn broker(
     world: &mut World,
     options: &Options,
@@ -117,6 +117,8 @@ pub async fn broker(
     }
     let elapsed = start.elapsed();
     let _ = connection.close(200, "raw-broker done".into()).await;
+    // Its messages would otherwise weigh on the broker while the next phases publish.
+    world.delete_topology(&topology).await;
 
     let failed = failed.load(Ordering::Relaxed);
     let confirmed = latencies.summary().count;
