@@ -171,18 +171,19 @@ pub fn figures(report: &Report) -> Vec<Target> {
     }
 
     // Context: the other ceilings, kept so that each comparison can be checked.
-    if let (Some(r), Some(raw)) = (reference, &report.raw_broker) {
-        out.push(
-            Target::info(
-                "minimal reference, same load as ingest".to_owned(),
-                r.rate,
-                "req/s",
-            )
-            .against(
+    if let Some(r) = reference {
+        let figure = Target::info(
+            "minimal reference, same load as ingest".to_owned(),
+            r.rate,
+            "req/s",
+        );
+        out.push(match &report.raw_broker {
+            Some(raw) => figure.against(
                 raw.rate,
                 format!("raw publish-with-confirm: {}/s", number(raw.rate)),
             ),
-        );
+            None => figure,
+        });
     }
     if let (Some(closed), Some(raw)) = (&report.ingest_closed, &report.raw_broker) {
         out.push(
