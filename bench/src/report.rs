@@ -293,6 +293,22 @@ impl Report {
                     format!(" Missing by event status: {:?}.", e.missing)
                 }
             );
+            // A processor that keeps up commits the last event within a few polls of its
+            // answer; a longer tail means a queue grew over the whole phase, and then the
+            // POST→commit figure depends on --duration, not only on the pipeline.
+            if e.tail_s > BACKLOG_TAIL_S {
+                let busy = self
+                    .costs
+                    .iter()
+                    .find(|c| c.phase == "e2e")
+                    .map_or_else(String::new, |c| {
+                        format!(" (machine {:.0} % busy)", c.machine_busy_pct)
+                    });
+                let _ = writeln!(
+                    out,
+                    "E2e: the processor fell behind the offered rate{busy}: a queue grew during the phase, so POST→commit grows with --duration."
+                );
+            }
         }
         if let Some(open) = &self.ingest_open
             && let Some(lag) = open.max_start_lag_ms
@@ -305,6 +321,10 @@ impl Report {
         out
     }
 }
+
+/// Seconds between the last answer and the last commit beyond which e2e says that the
+/// processor did not keep up.
+const BACKLOG_TAIL_S: f64 = 0.5;
 
 fn load_name(what: &str, load: &LoadResult) -> String {
     match (load.in_flight, load.target_rate) {
