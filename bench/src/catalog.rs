@@ -60,6 +60,17 @@ pub fn organization() -> Uuid {
     id(KIND_ORGANIZATION, 0)
 }
 
+pub fn platform_agreement() -> Uuid {
+    id(KIND_PLATFORM_AGREEMENT, 0)
+}
+
+/// The organization agreement of the creator of `content` (content `c` is by creator
+/// `c % CREATORS`, whose agreement has the same number).
+pub fn creator_agreement_of(content: Uuid) -> Uuid {
+    let n = u64::try_from(content.as_u128() & 0xffff_ffff_ffff).unwrap_or(0);
+    id(KIND_CREATOR_AGREEMENT, n % CREATORS)
+}
+
 /// The revenue split of `processor/src/split.rs` (rounding half up).
 pub fn split(amount: i64, platform_bps: i32, organization_bps: i32) -> (i64, i64, i64) {
     let share = |amount: i64, bps: i32| (amount * i64::from(bps) + 5_000) / 10_000;
@@ -336,5 +347,14 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(Catalog::pair(CONTENTS).1, Catalog::pair(0).1);
         assert_ne!(Catalog::pair(CONTENTS).0, Catalog::pair(0).0);
+    }
+
+    #[test]
+    fn content_leads_to_its_creators_agreement() {
+        let content = id(KIND_CONTENT, 123);
+        assert_eq!(
+            creator_agreement_of(content),
+            id(KIND_CREATOR_AGREEMENT, 123 % CREATORS)
+        );
     }
 }

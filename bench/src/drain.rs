@@ -1,10 +1,12 @@
 //! Waiting for commits: the processor's drain rate on a backlog, and POST→commit latency.
 //!
 //! Two measures of "committed", both from the database:
-//! - `visible`: when a purchase was first seen by a poller that asks every `--poll-interval`
-//!   which pending payment intents have a purchase. The commit happened before the query
-//!   that saw it and after the one before, so this is late by at most one interval plus
-//!   a query.
+//! - `visible` (the figure): when the answer of the first poll that returned the purchase
+//!   arrived; the poller asks every `--poll-interval` which pending payment intents have a
+//!   purchase. The commit happened before that query's snapshot, so this never counts
+//!   early; it is late by at most one interval plus one poll, as a user who reads the
+//!   purchase would be. (Taking the time the query was *sent* could count early: a commit
+//!   between sending and the server taking its snapshot would be seen by it.)
 //! - `created_at`: `purchases.created_at`, PostgreSQL's `now()`, which is the start of the
 //!   processor's transaction, not its commit: early by the transaction's duration.
 //!
@@ -146,7 +148,8 @@ pub struct EndToEnd {
     pub expected: u64,
     pub committed: u64,
     pub missing: BTreeMap<String, u64>,
-    /// Due time → first seen committed by the poller (upper bound of the commit time).
+    /// Due time → the answer of the first poll that saw the purchase (an upper bound of
+    /// the commit time, by at most one interval plus one poll).
     pub visible: Summary,
     /// Due time → `purchases.created_at` (the transaction's start: a lower bound).
     pub created_at: Summary,
@@ -255,7 +258,6 @@ async fn poll(
             continue;
         }
         let intents: Vec<&str> = batch.iter().map(|(_, intent)| intent.as_str()).collect();
-        // Whatever this query sees had committed before it started.
         let asked_at = unix_us(SystemTime::now());
         let found: Vec<String> = sqlx::query_scalar(
             "SELECT stripe_payment_intent_id FROM purchases WHERE stripe_payment_intent_id = ANY($1)",
@@ -263,7 +265,10 @@ async fn poll(
         .bind(&intents)
         .fetch_all(&pool)
         .await?;
-        queries.record_us(u64::try_from(unix_us(SystemTime::now()) - asked_at).unwrap_or(0));
+        // What the query saw had committed before it answered; when exactly in between is
+        // unknown, so the commit is dated late, never early.
+        let answered_at = unix_us(SystemTime::now());
+        queries.record_us(u64::try_from(answered_at - asked_at).unwrap_or(0));
         if !found.is_empty() {
             last_progress = Instant::now();
             let found: std::collections::HashSet<&str> = found.iter().map(String::as_str).collect();
@@ -272,7 +277,7 @@ async fn poll(
                 if found.contains(intent.as_str())
                     && let Some((_, due)) = waiting.remove(i)
                 {
-                    latencies.record_us(u64::try_from(asked_at - due).unwrap_or(0));
+                    latencies.record_us(u64::try_from(answered_at - due).unwrap_or(0));
                 }
             }
         } else if done && last_progress.elapsed() > stall {

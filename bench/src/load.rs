@@ -361,3 +361,60 @@ pub async fn open_loop(
     result.max_start_lag_ms = Some(max_lag.as_secs_f64() * 1_000.0);
     Ok(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that takes `delay` per request, one at a time for the client below.
+    async fn slow_server(delay: Duration) -> anyhow::Result<String> {
+        let app = axum::Router::new().route(
+            "/webhooks/stripe/{endpoint}",
+            axum::routing::post(move || async move {
+                tokio::time::sleep(delay).await;
+                "{}"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(format!("http://{addr}/webhooks/stripe/booking"))
+    }
+
+    fn events(n: usize) -> Vec<Event> {
+        (0..n)
+            .map(|i| Event {
+                event_id: format!("evt_{i}"),
+                payment_intent: format!("pi_{i}"),
+                session_id: format!("cs_{i}"),
+                customer: uuid::Uuid::nil(),
+                content: uuid::Uuid::nil(),
+                body: Bytes::from_static(b"{}"),
+            })
+            .collect()
+    }
+
+    /// Requests that start late (here: one in flight, the server slower than the rate)
+    /// count from when they were due, not from when they went out: request i is due at
+    /// 10·i ms but answered at about 40·(i+1) ms, so the last of 10 waits ~310 ms.
+    #[tokio::test]
+    async fn late_requests_count_from_their_scheduled_time() -> anyhow::Result<()> {
+        let url = slow_server(Duration::from_millis(40)).await?;
+        let result = open_loop(url, &events(10), 100.0, 1, None).await?;
+        assert_eq!(result.ok, 10, "{result:?}");
+        assert!(result.latency.max_ms >= 250.0, "{:?}", result.latency);
+        assert!(
+            result.max_start_lag_ms.unwrap_or(0.0) >= 200.0,
+            "{result:?}"
+        );
+        // Scheduled times are 10 ms apart whatever the actual sends were.
+        let gaps: Vec<i64> = result.sent_at_us.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().all(|g| (9_990..=10_010).contains(g)),
+            "{gaps:?}"
+        );
+        Ok(())
+    }
+}

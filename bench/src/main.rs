@@ -6,9 +6,13 @@
 //! events, and measures the raw ceilings with the same payload in the same run:
 //!
 //! - `raw-broker`: persistent publish-with-confirm to a fresh quorum queue, many in flight;
-//! - `raw-db`: the processor's per-event transaction run directly with sqlx, 1..16 clients;
-//! - `ingest`: closed loop (N in flight) and open loop (fixed rate, latency from the
-//!   scheduled send time) against ingest, no processor running;
+//! - `raw-db`: one event per transaction run directly with sqlx, 1..16 clients, in two
+//!   shapes: the processor's own transaction, and the 3-insert one (event, purchase,
+//!   access) that the drain is compared with;
+//! - `ref-ingest`: a minimal receiver (axum, HMAC check, confirmed publish; `reference.rs`)
+//!   in a child process, driven like ingest's closed loop: what ingest is compared with;
+//! - `ingest`: closed loop (N in flight) and open loop (fixed rate, half the reference's,
+//!   latency from the scheduled send time) against ingest, no processor running;
 //! - `drain`: the processor started on the backlog the ingest phases left; drain rate;
 //! - `e2e`: open loop at a fixed rate with the processor running; POST→commit latency.
 //!
@@ -18,9 +22,12 @@
 mod catalog;
 mod children;
 mod drain;
+mod figures;
 mod histogram;
 mod load;
 mod raw;
+mod raw_db;
+mod reference;
 mod report;
 mod resources;
 mod world;
@@ -46,32 +53,41 @@ struct Cli {
     options: Options,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 enum Phase {
-    /// Everything below, in this order: raw-broker, raw-db, ingest, drain, e2e.
+    /// Everything below, in this order: raw-broker, raw-db, ref-ingest, ingest, drain, e2e.
     All,
     /// Persistent publish-with-confirm of the event bodies to a fresh quorum queue.
     RawBroker,
-    /// The processor's per-event transaction run directly against PostgreSQL.
+    /// One event per transaction directly against PostgreSQL: the processor's transaction
+    /// and the 3-insert one (event, purchase, access).
     RawDb,
-    /// Ingest alone (no processor): closed loop, then open loop at half the raw publish rate
-    /// (raw-broker runs first unless --open-rate is given).
+    /// The minimal reference receiver (axum, HMAC check, confirmed publish) in a child
+    /// process, driven by the ingest closed loop's generator and settings.
+    RefIngest,
+    /// Ingest alone (no processor): ref-ingest, then ingest's closed loop, then its open
+    /// loop at half the reference's rate (--open-rate skips nothing, it sets that rate).
     Ingest,
     /// A closed-loop backlog through ingest, then the processor drains it.
     Drain,
     /// Open loop at --e2e-rate with the processor running; POST→commit latency.
     E2e,
+    /// The reference receiver itself, started by `ref-ingest` as a child process.
+    #[command(hide = true)]
+    RefServer(reference::ServerArgs),
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
             Self::All => "all",
             Self::RawBroker => "raw-broker",
             Self::RawDb => "raw-db",
+            Self::RefIngest => "ref-ingest",
             Self::Ingest => "ingest",
             Self::Drain => "drain",
             Self::E2e => "e2e",
+            Self::RefServer(_) => "ref-server",
         }
     }
 }
@@ -109,7 +125,14 @@ pub struct Options {
     #[arg(long, global = true, default_value_t = 4)]
     pub raw_channels: u32,
 
-    /// Rate of the open-loop ingest phase, events/s; default: half the raw publish rate.
+    /// AMQP channels the reference receiver publishes over: ingest's, that is
+    /// INGEST_PUBLISH_CHANNELS when set (it is passed on to ingest too), else ingest's
+    /// default 4.
+    #[arg(long, global = true, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub ref_channels: u16,
+
+    /// Rate of the open-loop ingest phase, events/s; default: half the reference's rate.
     #[arg(long, global = true)]
     pub open_rate: Option<f64>,
 
@@ -190,6 +213,7 @@ impl Options {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The same runtime as ingest's `#[tokio::main]`: one worker per core.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -200,6 +224,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Phase::RefServer(args) = &cli.command {
+        return match runtime.block_on(reference::serve(args.clone(), &cli.options.amqp_url)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("bench ref-server: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(error) => {
@@ -220,7 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     ));
 
     let outcome = tokio::select! {
-        outcome = phases(cli.command, &options, &mut world, &mut report) => outcome,
+        outcome = phases(&cli.command, &options, &mut world, &mut report) => outcome,
         signal = stop_signal() => Err(anyhow::anyhow!("interrupted by {signal}: cleaning up")),
     };
     if report.rss.is_none() {
@@ -242,14 +275,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn phases(
-    phase: Phase,
+    phase: &Phase,
     options: &Options,
     world: &mut World,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let wants = |p: Phase| phase == Phase::All || phase == p;
-    let needs_raw_broker =
-        wants(Phase::RawBroker) || (phase == Phase::Ingest && options.open_rate.is_none());
+    let wants = |p: Phase| *phase == Phase::All || *phase == p;
+    let needs_raw_broker = wants(Phase::RawBroker);
     let needs_ingest = wants(Phase::Ingest) || wants(Phase::Drain) || wants(Phase::E2e);
 
     world.setup_database(options).await?;
@@ -270,15 +302,33 @@ async fn phases(
     }
 
     if wants(Phase::RawDb) {
-        progress("raw db: the processor's per-event transaction, directly with sqlx");
+        progress("raw db: the processor's transaction and the 3-insert one, directly with sqlx");
         let cpu = world.begin_phase();
-        let result = raw::database(world, options).await?;
+        let result = raw_db::database(world, options).await?;
         report.costs.push(world.end_phase(cpu, "raw-db"));
-        progress(&format!(
-            "raw db: best {:.0} transactions/s at {} clients",
-            result.best_rate, result.best_clients
-        ));
+        for shape in [&result.processor, &result.three_insert] {
+            progress(&format!(
+                "raw db, {}: best {:.0} transactions/s at {} clients",
+                shape.shape.label(),
+                shape.best_rate,
+                shape.best_clients
+            ));
+        }
         report.raw_db = Some(result);
+    }
+
+    if wants(Phase::RefIngest) || wants(Phase::Ingest) {
+        progress(&format!(
+            "reference receiver closed loop: {} requests, {} in flight, {} publish channels",
+            options.events, options.in_flight, options.ref_channels
+        ));
+        let (result, cost) = reference::closed_loop(world, options).await?;
+        report.costs.push(cost);
+        progress(&format!(
+            "reference receiver closed loop: {:.0} requests/s answered 200, {} not 200",
+            result.load.rate, result.load.failed
+        ));
+        report.reference = Some(result);
     }
 
     let mut backlog = Vec::new();
@@ -304,10 +354,10 @@ async fn phases(
     }
 
     if wants(Phase::Ingest) {
-        let rate = match (options.open_rate, &report.raw_broker) {
+        let rate = match (options.open_rate, &report.reference) {
             (Some(rate), _) => rate,
-            (None, Some(raw)) => (raw.rate / 2.0).max(1.0),
-            (None, None) => bail!("--open-rate is needed when raw-broker does not run"),
+            (None, Some(reference)) => (reference.load.rate / 2.0).max(1.0),
+            (None, None) => bail!("--open-rate is needed when ref-ingest does not run"),
         };
         let count = open_count(rate, options.duration);
         progress(&format!(
@@ -362,8 +412,8 @@ async fn phases(
         let result = drain::end_to_end(world, options, &events).await?;
         report.costs.push(world.end_phase(cpu, "e2e"));
         progress(&format!(
-            "e2e: POST→commit p99 {:.1} ms (visible), {:.1} ms (created_at)",
-            result.visible.p99_ms, result.created_at.p99_ms
+            "e2e: POST→commit p99 {:.1} ms (seen), ingest answer p99 {:.1} ms",
+            result.visible.p99_ms, result.load.latency.p99_ms
         ));
         report.e2e = Some(result);
     }
@@ -373,7 +423,7 @@ async fn phases(
 }
 
 /// Ctrl-C or SIGTERM: the run stops and still cleans up after itself.
-async fn stop_signal() -> &'static str {
+pub async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => tokio::select! {

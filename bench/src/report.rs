@@ -6,9 +6,12 @@ use serde::Serialize;
 
 use crate::Options;
 use crate::drain::{Drain, EndToEnd};
+use crate::figures::Target;
 use crate::histogram::Summary;
 use crate::load::LoadResult;
-use crate::raw::{RawBroker, RawDb};
+use crate::raw::RawBroker;
+use crate::raw_db::RawDb;
+use crate::reference::Reference;
 use crate::resources::PhaseCost;
 use crate::world::{Rss, World};
 
@@ -20,6 +23,8 @@ pub struct Report {
     pub body_bytes: Option<u64>,
     pub raw_broker: Option<RawBroker>,
     pub raw_db: Option<RawDb>,
+    /// The minimal reference receiver, closed loop like ingest's.
+    pub reference: Option<Reference>,
     pub ingest_closed: Option<LoadResult>,
     pub ingest_open: Option<LoadResult>,
     pub drain: Option<Drain>,
@@ -41,21 +46,8 @@ pub struct RunInfo {
     pub db_events: u64,
     pub in_flight: u32,
     pub e2e_rate: f64,
-}
-
-/// One line of the summary table.
-#[derive(Debug, Serialize)]
-pub struct Target {
-    pub figure: String,
-    pub value: f64,
-    pub unit: &'static str,
-    /// The ceiling it is compared with, if any.
-    pub ceiling: Option<f64>,
-    pub ceiling_what: Option<String>,
-    pub ratio: Option<f64>,
-    /// The target, in words.
-    pub target: String,
-    pub met: bool,
+    /// Publish channels of the reference receiver (ingest's count).
+    pub ref_channels: u16,
 }
 
 impl Report {
@@ -71,11 +63,13 @@ impl Report {
                 db_events: options.db_events,
                 in_flight: options.in_flight,
                 e2e_rate: options.e2e_rate,
+                ref_channels: options.ref_channels,
             },
             seeded_purchases: 0,
             body_bytes: None,
             raw_broker: None,
             raw_db: None,
+            reference: None,
             ingest_closed: None,
             ingest_open: None,
             drain: None,
@@ -86,96 +80,10 @@ impl Report {
         }
     }
 
-    /// Fills in the summary lines from what ran.
+    /// Fills in the summary lines from what ran: the figures, each beside its
+    /// reference or ceiling and its target, then context lines without a target.
     pub fn finish(&mut self) {
-        let mut targets = Vec::new();
-        if let Some(closed) = &self.ingest_closed {
-            let raw = self.raw_broker.as_ref().map(|r| r.rate);
-            let ratio = raw.map(|raw| closed.rate / raw);
-            targets.push(Target {
-                figure: format!(
-                    "ingest closed loop, {} in flight",
-                    closed.in_flight.unwrap_or(0)
-                ),
-                value: closed.rate,
-                unit: "req/s",
-                ceiling: raw,
-                ceiling_what: raw.map(|_| "raw publish-with-confirm".to_owned()),
-                ratio,
-                target: "≥ 0.90 × raw publish".to_owned(),
-                met: ratio.is_some_and(|r| r >= 0.90) && closed.failed == 0,
-            });
-        }
-        if let Some(open) = &self.ingest_open {
-            let rate = open.target_rate.unwrap_or(0.0);
-            targets.push(Target {
-                figure: format!("ingest open loop p99 at {rate:.0}/s"),
-                value: open.latency.p99_ms,
-                unit: "ms",
-                ceiling: self.raw_broker.as_ref().map(|r| r.rate),
-                ceiling_what: self
-                    .raw_broker
-                    .as_ref()
-                    .map(|_| "sent at half of raw publish-with-confirm".to_owned()),
-                ratio: None,
-                target: "≤ 10 ms".to_owned(),
-                met: open.latency.p99_ms <= 10.0 && open.failed == 0,
-            });
-        }
-        if let Some(drain) = &self.drain {
-            let raw = self.raw_db.as_ref();
-            let ratio = raw.map(|raw| drain.rate / raw.best_rate);
-            targets.push(Target {
-                figure: "processor drain rate".to_owned(),
-                value: drain.rate,
-                unit: "events/s",
-                ceiling: raw.map(|r| r.best_rate),
-                ceiling_what: raw.map(|r| {
-                    format!(
-                        "raw db, one event per transaction, {} clients",
-                        r.best_clients
-                    )
-                }),
-                ratio,
-                target: "≥ 1.0 × raw db".to_owned(),
-                met: ratio.is_some_and(|r| r >= 1.0) && drain.committed == drain.expected,
-            });
-        }
-        if let Some(e2e) = &self.e2e {
-            let rate = e2e.load.target_rate.unwrap_or(0.0);
-            targets.push(Target {
-                figure: format!("POST→commit p99 at {rate:.0}/s (visible)"),
-                value: e2e.visible.p99_ms,
-                unit: "ms",
-                ceiling: None,
-                ceiling_what: None,
-                ratio: None,
-                target: "≤ 50 ms".to_owned(),
-                met: e2e.visible.p99_ms <= 50.0
-                    && e2e.committed == e2e.expected
-                    && e2e.load.failed == 0,
-            });
-        }
-        if let Some(rss) = &self.rss {
-            for (name, mb, limit) in [
-                ("ingest", rss.ingest_mb, 40.0),
-                ("processor", rss.processor_mb, 60.0),
-            ] {
-                if let Some(mb) = mb {
-                    targets.push(Target {
-                        figure: format!("peak RSS {name}"),
-                        value: mb,
-                        unit: "MB",
-                        ceiling: None,
-                        ceiling_what: None,
-                        ratio: None,
-                        target: format!("≤ {limit:.0} MB"),
-                        met: mb <= limit,
-                    });
-                }
-            }
-        }
-        self.targets = targets;
+        self.targets = crate::figures::figures(self);
     }
 
     pub fn markdown(&self) -> String {
@@ -194,16 +102,15 @@ impl Report {
                 .map_or_else(|| "-".to_owned(), |b| b.to_string())
         );
         if !self.targets.is_empty() {
-            out.push_str("| figure | value | ceiling | ratio | target | status |\n");
+            out.push_str(
+                "| figure | measured | reference or ceiling | ratio | target | status |\n",
+            );
             out.push_str("|---|---:|---|---:|---|---|\n");
             for t in &self.targets {
-                let ceiling = match (&t.ceiling, &t.ceiling_what) {
-                    (Some(c), Some(what)) => format!("{what}: {c:.0}/s"),
-                    _ => "-".to_owned(),
-                };
+                let ceiling = t.ceiling_what.clone().unwrap_or_else(|| "-".to_owned());
                 let ratio = t
                     .ratio
-                    .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
+                    .map_or_else(|| "-".to_owned(), |r| format!("{:.0} %", r * 100.0));
                 let _ = writeln!(
                     out,
                     "| {} | {} {} | {} | {} | {} | {} |",
@@ -213,7 +120,11 @@ impl Report {
                     ceiling,
                     ratio,
                     t.target,
-                    if t.met { "met" } else { "missed" }
+                    match t.met {
+                        Some(true) => "met",
+                        Some(false) => "missed",
+                        None => "-",
+                    }
                 );
             }
             out.push('\n');
@@ -233,15 +144,34 @@ impl Report {
             ));
         }
         if let Some(r) = &self.raw_db {
-            for step in &r.steps {
-                rows.push((
-                    format!("raw db transaction, {} client(s)", step.clients),
-                    step.transactions + step.failed,
-                    step.failed.to_string(),
-                    step.rate,
-                    step.latency.clone(),
-                ));
+            for shape in [&r.processor, &r.three_insert] {
+                for step in &shape.steps {
+                    rows.push((
+                        format!(
+                            "raw db, {}, {} client(s)",
+                            shape.shape.label(),
+                            step.clients
+                        ),
+                        step.transactions + step.failed,
+                        step.failed.to_string(),
+                        step.rate,
+                        step.latency.clone(),
+                    ));
+                }
             }
+        }
+        if let Some(r) = &self.reference {
+            rows.push((
+                format!(
+                    "{} ({} publish channels)",
+                    load_name("minimal reference", &r.load),
+                    r.channels
+                ),
+                r.load.requests,
+                failures(&r.load),
+                r.load.rate,
+                r.load.latency.clone(),
+            ));
         }
         for load in [&self.ingest_closed, &self.ingest_open]
             .into_iter()
@@ -257,7 +187,7 @@ impl Report {
         }
         if let Some(e2e) = &self.e2e {
             rows.push((
-                load_name("e2e: ingest", &e2e.load),
+                format!("{}, answer", load_name("e2e: ingest", &e2e.load)),
                 e2e.load.requests,
                 failures(&e2e.load),
                 e2e.load.rate,
@@ -265,7 +195,7 @@ impl Report {
             ));
             rows.push((
                 format!(
-                    "e2e: POST→commit visible (poll {:.0} ms)",
+                    "e2e: POST→commit seen by a poll every {:.0} ms",
                     e2e.poll_interval_ms
                 ),
                 e2e.expected,
@@ -312,20 +242,22 @@ impl Report {
             out.push('\n');
         }
         if !self.costs.is_empty() {
-            out.push_str("| phase | wall s | machine busy | bench cores | ingest cores | processor cores | other cores (RabbitMQ, PostgreSQL) | ingest peak RSS MB | processor peak RSS MB |\n");
-            out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            out.push_str("| phase | wall s | machine busy | bench cores | reference cores | ingest cores | processor cores | other cores (RabbitMQ, PostgreSQL) | reference peak RSS MB | ingest peak RSS MB | processor peak RSS MB |\n");
+            out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
             for c in &self.costs {
                 let mb = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
                 let _ = writeln!(
                     out,
-                    "| {} | {:.1} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                    "| {} | {:.1} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                     c.phase,
                     c.wall_s,
                     c.machine_busy_pct,
                     c.bench_cores,
+                    c.reference_cores,
                     c.ingest_cores,
                     c.processor_cores,
                     c.other_cores,
+                    mb(c.reference_peak_rss_mb),
                     mb(c.ingest_peak_rss_mb),
                     mb(c.processor_peak_rss_mb)
                 );
@@ -361,6 +293,22 @@ impl Report {
                     format!(" Missing by event status: {:?}.", e.missing)
                 }
             );
+            // A processor that keeps up commits the last event within a few polls of its
+            // answer; a longer tail means a queue grew over the whole phase, and then the
+            // POST→commit figure depends on --duration, not only on the pipeline.
+            if e.tail_s > BACKLOG_TAIL_S {
+                let busy = self
+                    .costs
+                    .iter()
+                    .find(|c| c.phase == "e2e")
+                    .map_or_else(String::new, |c| {
+                        format!(" (machine {:.0} % busy)", c.machine_busy_pct)
+                    });
+                let _ = writeln!(
+                    out,
+                    "E2e: the processor fell behind the offered rate{busy}: a queue grew during the phase, so POST→commit grows with --duration."
+                );
+            }
         }
         if let Some(open) = &self.ingest_open
             && let Some(lag) = open.max_start_lag_ms
@@ -373,6 +321,10 @@ impl Report {
         out
     }
 }
+
+/// Seconds between the last answer and the last commit beyond which e2e says that the
+/// processor did not keep up.
+const BACKLOG_TAIL_S: f64 = 0.5;
 
 fn load_name(what: &str, load: &LoadResult) -> String {
     match (load.in_flight, load.target_rate) {
@@ -402,7 +354,7 @@ fn missing(expected: u64, committed: u64) -> String {
     }
 }
 
-fn number(value: f64) -> String {
+pub fn number(value: f64) -> String {
     if value >= 100.0 {
         format!("{value:.0}")
     } else {

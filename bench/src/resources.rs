@@ -16,6 +16,7 @@ pub struct CpuSample {
     bench: u64,
     ingest: u64,
     processor: u64,
+    reference: u64,
 }
 
 /// One phase's cost.
@@ -29,10 +30,13 @@ pub struct PhaseCost {
     pub bench_cores: f64,
     pub ingest_cores: f64,
     pub processor_cores: f64,
+    /// The reference receiver (`ref-ingest`), a child process like ingest.
+    pub reference_cores: f64,
     /// Everything else: mostly RabbitMQ and PostgreSQL.
     pub other_cores: f64,
     pub ingest_peak_rss_mb: Option<f64>,
     pub processor_peak_rss_mb: Option<f64>,
+    pub reference_peak_rss_mb: Option<f64>,
 }
 
 /// Clock ticks per second of /proc's counters (USER_HZ, 100 on Linux).
@@ -82,7 +86,7 @@ pub fn process_ticks(pid: Option<u32>) -> u64 {
 }
 
 impl CpuSample {
-    pub fn take(ingest: Option<u32>, processor: Option<u32>) -> Self {
+    pub fn take(ingest: Option<u32>, processor: Option<u32>, reference: Option<u32>) -> Self {
         let (machine_busy, machine_total) = machine();
         Self {
             at: Some(std::time::Instant::now()),
@@ -91,6 +95,7 @@ impl CpuSample {
             bench: process_ticks(None),
             ingest: ingest.map_or(0, |pid| process_ticks(Some(pid))),
             processor: processor.map_or(0, |pid| process_ticks(Some(pid))),
+            reference: reference.map_or(0, |pid| process_ticks(Some(pid))),
         }
     }
 
@@ -114,6 +119,7 @@ impl CpuSample {
         let bench_cores = cores(self.bench, end.bench);
         let ingest_cores = cores(self.ingest, end.ingest);
         let processor_cores = cores(self.processor, end.processor);
+        let reference_cores = cores(self.reference, end.reference);
         PhaseCost {
             phase: phase.to_owned(),
             wall_s,
@@ -125,9 +131,16 @@ impl CpuSample {
             bench_cores,
             ingest_cores,
             processor_cores,
-            other_cores: (machine_cores - bench_cores - ingest_cores - processor_cores).max(0.0),
+            reference_cores,
+            other_cores: (machine_cores
+                - bench_cores
+                - ingest_cores
+                - processor_cores
+                - reference_cores)
+                .max(0.0),
             ingest_peak_rss_mb: None,
             processor_peak_rss_mb: None,
+            reference_peak_rss_mb: None,
         }
     }
 }

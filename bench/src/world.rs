@@ -45,6 +45,8 @@ pub struct World {
     ingest_port: u16,
     processor: Option<Service>,
     processor_port: u16,
+    reference: Option<Service>,
+    reference_port: u16,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -83,6 +85,8 @@ impl World {
             ingest_port: 0,
             processor: None,
             processor_port: 0,
+            reference: None,
+            reference_port: 0,
         })
     }
 
@@ -193,6 +197,30 @@ impl World {
         Ok(topology)
     }
 
+    /// Deletes a topology now rather than at the end, so that the messages a phase left
+    /// do not weigh on the broker during the next one.
+    pub async fn delete_topology(&mut self, topology: &Topology) {
+        let delays = Self::queue_settings().retry_delays;
+        let outcome = match self.channel().await {
+            Ok(channel) => {
+                let channel = channel.clone();
+                topology
+                    .delete(&channel, &delays)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => self.topologies.retain(|t| t != topology),
+            // Left in the list: teardown tries again.
+            Err(error) => crate::progress(&format!(
+                "cannot delete the queues of {} yet: {error:#}",
+                topology.exchange
+            )),
+        }
+    }
+
     /// The pipeline's queues, declared up front so that ingest can run without a processor.
     pub async fn declare_topology(&mut self) -> anyhow::Result<Topology> {
         let prefix = self.prefix.clone();
@@ -264,6 +292,55 @@ impl World {
         ready
     }
 
+    /// Starts the reference receiver (`bench ref-server`, this very binary) publishing to
+    /// `exchange` over `channels` channels; ready when its `/healthz` answers, which it
+    /// does only once connected to the broker.
+    pub async fn start_reference(&mut self, exchange: &str, channels: u16) -> anyhow::Result<()> {
+        if self.reference.is_some() {
+            return Ok(());
+        }
+        self.reference_port = children::free_port()?;
+        let exe = std::env::current_exe().context("cannot find the bench binary itself")?;
+        let listen = format!("127.0.0.1:{}", self.reference_port);
+        let channels = channels.to_string();
+        let args = [
+            "ref-server",
+            "--listen",
+            &listen,
+            "--exchange",
+            exchange,
+            "--channels",
+            &channels,
+            "--amqp-url",
+            &self.amqp_url,
+        ];
+        let mut service = Service::start("reference", &exe, &args, &[], self.log("reference")?)?;
+        let url = format!("http://127.0.0.1:{}/healthz", self.reference_port);
+        let ready = service.wait_ready(&url, Duration::from_secs(30)).await;
+        self.reference = Some(service);
+        ready
+    }
+
+    /// Stops the reference so that it takes nothing from the phases after its own; its
+    /// peak RSS stays readable in `Service::peak_rss_kb`.
+    pub async fn stop_reference(&mut self) {
+        if let Some(service) = self.reference.as_mut()
+            && let Err(error) = service.stop(Duration::from_secs(30)).await
+        {
+            crate::progress(&format!("cannot stop the reference: {error:#}"));
+        }
+    }
+
+    pub fn reference_url(&self) -> anyhow::Result<String> {
+        if self.reference.is_none() {
+            bail!("the reference receiver is not running");
+        }
+        Ok(format!(
+            "http://127.0.0.1:{}/webhooks/stripe/booking",
+            self.reference_port
+        ))
+    }
+
     pub fn webhook_url(&self) -> anyhow::Result<String> {
         if self.ingest.is_none() {
             bail!("ingest is not running");
@@ -276,9 +353,13 @@ impl World {
 
     /// Starts measuring a phase: CPU counters now, and the services' peak RSS reset.
     pub fn begin_phase(&mut self) -> CpuSample {
-        for service in [self.ingest.as_mut(), self.processor.as_mut()]
-            .into_iter()
-            .flatten()
+        for service in [
+            self.ingest.as_mut(),
+            self.processor.as_mut(),
+            self.reference.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             service.read_peak_rss();
             resources::reset_peak_rss(service.pid());
@@ -290,6 +371,7 @@ impl World {
         CpuSample::take(
             self.ingest.as_ref().map(Service::pid),
             self.processor.as_ref().map(Service::pid),
+            self.reference.as_ref().map(Service::pid),
         )
     }
 
@@ -304,6 +386,11 @@ impl World {
             .map(mb);
         cost.processor_peak_rss_mb = self
             .processor
+            .as_mut()
+            .and_then(Service::read_peak_rss)
+            .map(mb);
+        cost.reference_peak_rss_mb = self
+            .reference
             .as_mut()
             .and_then(Service::read_peak_rss)
             .map(mb);
@@ -329,9 +416,13 @@ impl World {
     /// Stops the services, deletes the queues and exchanges, drops the database (unless
     /// `--keep`). Best effort: reports what it could not undo.
     pub async fn teardown(&mut self) {
-        for service in [self.ingest.as_mut(), self.processor.as_mut()]
-            .into_iter()
-            .flatten()
+        for service in [
+            self.ingest.as_mut(),
+            self.processor.as_mut(),
+            self.reference.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if let Err(error) = service.stop(Duration::from_secs(30)).await {
                 crate::progress(&format!("cannot stop {}: {error:#}", service.name));
@@ -346,9 +437,13 @@ impl World {
             }
         }
         // Logs that stayed empty are not worth keeping.
-        for service in [self.ingest.as_ref(), self.processor.as_ref()]
-            .into_iter()
-            .flatten()
+        for service in [
+            self.ingest.as_ref(),
+            self.processor.as_ref(),
+            self.reference.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if service.log_lines() == 0 {
                 let _ = std::fs::remove_file(&service.log);
