@@ -263,6 +263,10 @@ async fn poll(
             "SELECT stripe_payment_intent_id FROM purchases WHERE stripe_payment_intent_id = ANY($1)",
         )
         .bind(&intents)
+        // Planned afresh each time: a prepared statement keeps the plan it got while the
+        // table was empty (a sequential scan), and the observer then burns the database's
+        // CPU that the processor needs, more with every poll as the table grows.
+        .persistent(false)
         .fetch_all(&pool)
         .await?;
         // What the query saw had committed before it answered; when exactly in between is
