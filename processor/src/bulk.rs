@@ -25,7 +25,6 @@ use shared::contract::EventMessage;
 use sqlx::PgConnection;
 
 use crate::checkout::PurchaseRequest;
-use crate::db::access::{self, Grant};
 use crate::db::events::{self, EventStatus, Finished, NewEvent, Received};
 use crate::db::new_purchase::{self, NewPurchase};
 use crate::db::purchases::Change;
@@ -183,11 +182,6 @@ async fn create_purchases<'c>(
             Shape::Ignore(_) => None,
         })
         .collect();
-    let pairs: Vec<_> = requests
-        .iter()
-        .map(|(_, r, _)| (r.customer_id, r.content_id))
-        .collect();
-    access::lock_ownerships(conn, &pairs).await?;
     let lookups: Vec<Lookup> = requests
         .iter()
         .map(|(c, r, _)| Lookup {
@@ -222,18 +216,5 @@ async fn create_purchases<'c>(
         .into_iter()
         .collect();
     rows.retain(|(_, row)| inserted.contains(&row.id));
-
-    let grants: Vec<Grant> = rows
-        .iter()
-        .filter(|(_, row)| lifecycle::grants_access(row.status))
-        .map(|(_, row)| Grant {
-            purchase_id: row.id,
-            customer_id: row.customer_id,
-            content_id: row.content_id,
-        })
-        .collect();
-    if !grants.is_empty() {
-        access::grant_many(conn, &grants).await?;
-    }
     Ok(rows)
 }

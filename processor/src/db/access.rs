@@ -2,6 +2,8 @@
 //! change of "which purchase gives this customer this content", and the twin that takes
 //! over when the purchase giving access is refunded or charged back.
 
+use std::sync::LazyLock;
+
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -18,25 +20,41 @@ pub async fn lock_ownership(
     lock_ownerships(conn, &[(customer, content)]).await
 }
 
-/// [`lock_ownership`] for many (customer, content) pairs in one round trip. The locks are
-/// taken in the order of their keys, so two transactions locking overlapping sets never
-/// wait for each other in a circle.
+/// [`lock_ownership`] for many (customer, content) pairs in one round trip.
 pub async fn lock_ownerships(
     conn: &mut PgConnection,
     pairs: &[(Uuid, Uuid)],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(key)
-           FROM (SELECT DISTINCT hashtextextended(customer::text || content::text, 0) AS key
-                   FROM unnest($1::uuid[], $2::uuid[]) AS p(customer, content)
-                  ORDER BY key) keys",
-    )
-    .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
-    .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
-    .execute(conn)
-    .await
-    .map(|_| ())
+    // Built once, from constants only.
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT taken FROM {}", ownership_locks("$1", "$2")));
+    sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()))
+        .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
+        .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
+
+/// A one-row subquery (`taken`: how many locks) that takes the ownership lock of each pair
+/// of the `uuid[]` parameters `customers` and `contents`, for statements that lock as part
+/// of their work. The locks are taken in the order of their keys, so two transactions
+/// locking overlapping sets never wait for each other in a circle. Taking a lock the
+/// transaction holds already costs nothing.
+pub(crate) fn ownership_locks(customers: &str, contents: &str) -> String {
+    format!(
+        "(SELECT count(pg_advisory_xact_lock(key)) AS taken
+            FROM (SELECT DISTINCT hashtextextended(customer::text || content::text, 0) AS key
+                    FROM unnest({customers}::uuid[], {contents}::uuid[]) AS p(customer, content)
+                   ORDER BY key) keys) locks"
+    )
+}
+
+/// What granting does when the customer has a grant for the content already: a revoked one
+/// is made active again for the granting purchase; an active one is left as it is.
+pub(crate) const GRANT_ON_CONFLICT: &str = "ON CONFLICT (user_id, content_id) DO UPDATE
+            SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
+          WHERE content_access.revoked_at IS NOT NULL";
 
 /// Whether the customer has access to the content through another purchase.
 pub async fn owned_elsewhere(
@@ -140,23 +158,24 @@ pub struct Grant {
     pub content_id: Uuid,
 }
 
-/// Grants access for each purchase, in one statement: a new grant, or a revoked one made
-/// active again for this purchase. An active grant is left as it is.
+/// Grants access for each purchase, in one statement (see [`GRANT_ON_CONFLICT`]).
 pub async fn grant_many(conn: &mut PgConnection, grants: &[Grant]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
-         SELECT g.id, g.user_id, g.content_id, g.purchase_id, 'purchase'
-           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])
-                AS g(id, user_id, content_id, purchase_id)
-         ON CONFLICT (user_id, content_id) DO UPDATE
-            SET purchase_id = EXCLUDED.purchase_id, granted_at = now(), revoked_at = NULL
-          WHERE content_access.revoked_at IS NOT NULL",
-    )
-    .bind(grants.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
-    .bind(grants.iter().map(|g| g.customer_id).collect::<Vec<_>>())
-    .bind(grants.iter().map(|g| g.content_id).collect::<Vec<_>>())
-    .bind(grants.iter().map(|g| g.purchase_id).collect::<Vec<_>>())
-    .execute(conn)
-    .await
-    .map(|_| ())
+    // Built once, from constants only.
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
+             SELECT g.id, g.user_id, g.content_id, g.purchase_id, 'purchase'
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])
+                    AS g(id, user_id, content_id, purchase_id)
+             {GRANT_ON_CONFLICT}"
+        )
+    });
+    sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()))
+        .bind(grants.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
+        .bind(grants.iter().map(|g| g.customer_id).collect::<Vec<_>>())
+        .bind(grants.iter().map(|g| g.content_id).collect::<Vec<_>>())
+        .bind(grants.iter().map(|g| g.purchase_id).collect::<Vec<_>>())
+        .execute(conn)
+        .await
+        .map(|_| ())
 }

@@ -1,14 +1,17 @@
 //! A new purchase row: its revenue-split snapshot decided from the terms in force, and its
 //! insertion, for one purchase or a batch of them in one statement.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::access;
 use super::terms::Terms;
 use crate::checkout::PurchaseRequest;
 use crate::error::ProcessError;
-use crate::lifecycle::Status;
+use crate::lifecycle::{self, Status};
 use crate::split;
 
 /// Every column of a new `purchases` row.
@@ -90,7 +93,9 @@ fn cents(value: i64) -> i32 {
 
 /// Inserts the rows that no unique index refuses: the payment intent or session (another
 /// transaction recorded the payment first) or, for a completed purchase, one completed
-/// purchase per customer and content (a double payment). Returns the ids inserted.
+/// purchase per customer and content (a double payment). Each inserted purchase whose
+/// status gives access ([`lifecycle::grants_access`]) gets its grant in the same statement
+/// (see [`access::GRANT_ON_CONFLICT`]). Returns the ids inserted.
 pub async fn insert(
     conn: &mut PgConnection,
     rows: &[NewPurchase],
@@ -98,38 +103,53 @@ pub async fn insert(
     fn column<T>(rows: &[NewPurchase], get: impl Fn(&NewPurchase) -> T) -> Vec<T> {
         rows.iter().map(get).collect()
     }
-    sqlx::query_scalar(
-        "INSERT INTO purchases (
-            id, customer_id, content_id, organization_id, amount_paid_cents, currency, status,
-            stripe_payment_intent_id, stripe_checkout_session_id,
-            platform_fee_cents, organization_fee_cents, creator_payout_cents,
-            platform_agreement_id, creator_org_agreement_id, platform_fee_bps, organization_fee_bps,
-            stripe_event_id, purchased_at)
-         SELECT * FROM unnest(
-            $1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::int4[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::int4[], $11::int4[], $12::int4[],
-            $13::uuid[], $14::uuid[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[])
-         ON CONFLICT DO NOTHING
-         RETURNING id",
-    )
-    .bind(column(rows, |r| r.id))
-    .bind(column(rows, |r| r.customer_id))
-    .bind(column(rows, |r| r.content_id))
-    .bind(column(rows, |r| r.organization_id))
-    .bind(column(rows, |r| r.amount_paid_cents))
-    .bind(column(rows, |r| r.currency.clone()))
-    .bind(column(rows, |r| r.status.as_str()))
-    .bind(column(rows, |r| r.payment_intent_id.clone()))
-    .bind(column(rows, |r| r.checkout_session_id.clone()))
-    .bind(column(rows, |r| r.platform_fee_cents))
-    .bind(column(rows, |r| r.organization_fee_cents))
-    .bind(column(rows, |r| r.creator_payout_cents))
-    .bind(column(rows, |r| r.platform_agreement_id))
-    .bind(column(rows, |r| r.creator_org_agreement_id))
-    .bind(column(rows, |r| r.platform_fee_bps))
-    .bind(column(rows, |r| r.organization_fee_bps))
-    .bind(column(rows, |r| r.stripe_event_id.clone()))
-    .bind(column(rows, |r| r.purchased_at))
-    .fetch_all(conn)
-    .await
+    // Built once, from constants only.
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH inserted AS (
+                INSERT INTO purchases (
+                    id, customer_id, content_id, organization_id, amount_paid_cents, currency, status,
+                    stripe_payment_intent_id, stripe_checkout_session_id,
+                    platform_fee_cents, organization_fee_cents, creator_payout_cents,
+                    platform_agreement_id, creator_org_agreement_id, platform_fee_bps, organization_fee_bps,
+                    stripe_event_id, purchased_at)
+                SELECT * FROM unnest(
+                    $1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::int4[], $6::text[], $7::text[],
+                    $8::text[], $9::text[], $10::int4[], $11::int4[], $12::int4[],
+                    $13::uuid[], $14::uuid[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[])
+                ON CONFLICT DO NOTHING
+                RETURNING id, customer_id, content_id),
+             granted AS (
+                INSERT INTO content_access (id, user_id, content_id, purchase_id, access_type)
+                SELECT gen_random_uuid(), i.customer_id, i.content_id, i.id, 'purchase'
+                  FROM inserted i
+                  JOIN unnest($1::uuid[], $19::bool[]) AS g(id, grants) ON g.id = i.id
+                 WHERE g.grants
+                {})
+             SELECT id FROM inserted",
+            access::GRANT_ON_CONFLICT
+        )
+    });
+    sqlx::query_scalar(sqlx::AssertSqlSafe(SQL.as_str()))
+        .bind(column(rows, |r| r.id))
+        .bind(column(rows, |r| r.customer_id))
+        .bind(column(rows, |r| r.content_id))
+        .bind(column(rows, |r| r.organization_id))
+        .bind(column(rows, |r| r.amount_paid_cents))
+        .bind(column(rows, |r| r.currency.clone()))
+        .bind(column(rows, |r| r.status.as_str()))
+        .bind(column(rows, |r| r.payment_intent_id.clone()))
+        .bind(column(rows, |r| r.checkout_session_id.clone()))
+        .bind(column(rows, |r| r.platform_fee_cents))
+        .bind(column(rows, |r| r.organization_fee_cents))
+        .bind(column(rows, |r| r.creator_payout_cents))
+        .bind(column(rows, |r| r.platform_agreement_id))
+        .bind(column(rows, |r| r.creator_org_agreement_id))
+        .bind(column(rows, |r| r.platform_fee_bps))
+        .bind(column(rows, |r| r.organization_fee_bps))
+        .bind(column(rows, |r| r.stripe_event_id.clone()))
+        .bind(column(rows, |r| r.purchased_at))
+        .bind(column(rows, |r| lifecycle::grants_access(r.status)))
+        .fetch_all(conn)
+        .await
 }

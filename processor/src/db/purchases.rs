@@ -138,13 +138,12 @@ async fn create(
         .ok_or(ProcessError::UnknownContent(request.content_id))?;
     let mut row = NewPurchase::build(request, target, &terms, purchased_at, event_id)?;
 
-    // Any unique index can refuse the row (see `new_purchase::insert`).
+    // Any unique index can refuse the row; the access comes with it (see
+    // `new_purchase::insert`).
     if let Some(id) = new_purchase::insert(conn, std::slice::from_ref(&row))
         .await?
         .pop()
     {
-        let grants = lifecycle::grants_access(target);
-        access::sync(conn, id, request.customer_id, request.content_id, grants).await?;
         return Ok(Some(Change::Created { id, status: target }));
     }
     if target == Status::Completed && !payment_recorded(conn, request).await? {

@@ -1,9 +1,13 @@
 //! The catalog facts and agreements in force when a payment happened, for one purchase or
 //! a batch of them in one round trip.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
+
+use super::access;
 
 /// What a new purchase is looked up by.
 #[derive(Debug, Clone)]
@@ -41,6 +45,7 @@ pub struct Terms {
 /// intent and by session separately: see [`super::purchases::LOCK_SQL`].
 const TERMS_SQL: &str = "
 SELECT r.ord,
+       locks.taken,
        c.organization_id,
        cu.found IS NOT NULL                                        AS customer_exists,
        opa.id                                                      AS platform_agreement_id,
@@ -49,7 +54,8 @@ SELECT r.ord,
        coa.organization_fee_bps                                    AS organization_bps,
        (by_intent.found IS NOT NULL OR by_session.found IS NOT NULL) AS payment_recorded,
        owned.found IS NOT NULL                                     AS owned
-  FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[])
+  FROM {locks}
+ CROSS JOIN unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[])
        WITH ORDINALITY AS r(content_id, customer_id, at, payment_intent, session, ord)
   JOIN content c ON c.id = r.content_id
   LEFT JOIN LATERAL (
@@ -80,11 +86,20 @@ SELECT r.ord,
          ORDER BY effective_from DESC LIMIT 1) coa ON true";
 
 /// The terms of each lookup, in order; `None` where the content does not exist.
+///
+/// It takes the ownership lock of each lookup's (customer, content) pair in the same round
+/// trip ([`access::ownership_locks`]). What it reads may then predate a lock it waited
+/// for: a payment recorded, or content bought, by the transaction that held it. That is
+/// safe because a new purchase is only ever written through the unique indexes, which
+/// refuse it then (see [`super::new_purchase::insert`]).
 pub async fn load(
     conn: &mut PgConnection,
     lookups: &[Lookup],
 ) -> Result<Vec<Option<Terms>>, sqlx::Error> {
-    let rows = sqlx::query(TERMS_SQL)
+    // Built once, from constants only.
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| TERMS_SQL.replace("{locks}", &access::ownership_locks("$2", "$1")));
+    let rows = sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()))
         .bind(lookups.iter().map(|l| l.content_id).collect::<Vec<_>>())
         .bind(lookups.iter().map(|l| l.customer_id).collect::<Vec<_>>())
         .bind(lookups.iter().map(|l| l.at).collect::<Vec<_>>())
