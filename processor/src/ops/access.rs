@@ -14,7 +14,7 @@ pub async fn check(database: &DatabaseArgs, user: Uuid, content: Uuid) -> anyhow
         .bind(content)
         .fetch_one(&pool)
         .await?;
-    println!("{}", if granted { "granted" } else { "not granted" });
+    say!("{}", if granted { "granted" } else { "not granted" });
     Ok(if granted {
         ExitCode::SUCCESS
     } else {

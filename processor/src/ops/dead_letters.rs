@@ -37,14 +37,14 @@ pub async fn stats(broker: &BrokerArgs, json: bool) -> anyhow::Result<ExitCode> 
     let stats = Stats::of(&snapshot.letters, Utc::now());
     finish(connection, snapshot).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        say!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("dead letters: {}", stats.depth);
+    say!("dead letters: {}", stats.depth);
     if stats.depth == 0 {
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say!(
         "oldest:       {}",
         format_age(std::time::Duration::from_secs(stats.oldest_age_secs))
     );
@@ -53,11 +53,11 @@ pub async fn stats(broker: &BrokerArgs, json: bool) -> anyhow::Result<ExitCode> 
         ("by type", &stats.by_type),
         ("by error", &stats.by_error),
     ] {
-        println!("{title}:");
+        say!("{title}:");
         let mut sorted: Vec<_> = counts.iter().collect();
         sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (key, count) in sorted {
-            println!("  {count:>6}  {key}");
+            say!("  {count:>6}  {key}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -84,10 +84,10 @@ pub async fn list(
         .take(limit)
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&shown)?);
+        say!("{}", serde_json::to_string_pretty(&shown)?);
     } else {
         for letter in &shown {
-            println!(
+            say!(
                 "{}  {}  {}  attempts={}  age={}  {}",
                 letter.event_id,
                 letter.event_type,
@@ -116,25 +116,25 @@ pub async fn show(broker: &BrokerArgs, event_id: &str, json: bool) -> anyhow::Re
         return Ok(ExitCode::FAILURE);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&found)?);
+        say!("{}", serde_json::to_string_pretty(&found)?);
     } else {
         for (i, copy) in found.iter().enumerate() {
             if found.len() > 1 {
-                println!("--- copy {} of {}", i + 1, found.len());
+                say!("--- copy {} of {}", i + 1, found.len());
             }
-            println!(
+            say!(
                 "summary: {}",
                 serde_json::to_string_pretty(&copy["summary"])?
             );
-            println!(
+            say!(
                 "headers: {}",
                 serde_json::to_string_pretty(&copy["headers"])?
             );
-            println!(
+            say!(
                 "broker history (x-death): {}",
                 serde_json::to_string_pretty(&copy["broker_history"])?
             );
-            println!(
+            say!(
                 "payload: {}",
                 serde_json::to_string_pretty(&copy["payload"])?
             );
@@ -283,7 +283,7 @@ pub async fn replay(
     bar.finish_and_clear();
     connection.close(200, "done".into()).await?;
     if dry_run {
-        println!(
+        say!(
             "dry run: would replay {} message(s) ({} distinct event(s)); {} would stay in {}",
             outcome.matched,
             outcome.distinct,
@@ -292,7 +292,7 @@ pub async fn replay(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say!(
         "replayed {} of {} matching message(s); {} duplicate copie(s) dropped; {} failed; {} left in {}",
         outcome.replayed,
         outcome.matched,
@@ -411,7 +411,7 @@ pub async fn purge(
     };
     let outcome = purge_matching(&pool, &connection, &broker.topology(), &filter, |_| {}).await?;
     connection.close(200, "done".into()).await?;
-    println!(
+    say!(
         "purged {} message(s) ({} event(s)); {} left",
         outcome.purged,
         outcome.letters.len(),

@@ -60,33 +60,34 @@ pub async fn show(database: &DatabaseArgs, event_id: &str, json: bool) -> anyhow
     .await?;
     if json {
         let out = serde_json::json!({ "event": event, "purchases": purchases });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        say!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("event:      {} ({})", event.id, event.event_type);
-    println!(
+    say!("event:      {} ({})", event.id, event.event_type);
+    say!(
         "endpoint:   {}{}",
         event.endpoint,
         if event.livemode { " (live mode)" } else { "" }
     );
-    println!(
+    say!(
         "api version: {}",
         event.api_version.as_deref().unwrap_or("(not recorded)")
     );
-    println!("received:   {}", event.received_at);
-    println!("attempts:   {} deliveries", event.attempts);
-    println!(
+    say!("received:   {}", event.received_at);
+    say!("attempts:   {} deliveries", event.attempts);
+    say!(
         "status:     {} (updated {})",
-        event.status, event.updated_at
+        event.status,
+        event.updated_at
     );
     if let Some(at) = event.processed_at {
-        println!("processed:  {at}");
+        say!("processed:  {at}");
     }
     if let Some(error) = &event.last_error {
-        println!("last error: {error}");
+        say!("last error: {error}");
     }
     for p in &purchases {
-        println!(
+        say!(
             "purchase:   {} {} {} {} (payment intent {})",
             p.id,
             p.status,
@@ -133,7 +134,7 @@ pub async fn replay(
         };
         let properties = replayed(&message.properties()?, Utc::now());
         to_work_queue(&channel, &topology, &message.body, properties).await?;
-        println!("re-enqueued {event_id}");
+        say!("re-enqueued {event_id}");
     }
     connection.close(200, "done".into()).await?;
     Ok(if missing == 0 {

@@ -1,5 +1,22 @@
 //! The operator commands (`processor dlq …`, `processor events …`, `processor watch`).
-//! Their answer goes to stdout; logs go to stderr.
+//! Their answer goes to stdout, through [`say!`]; logs go to stderr.
+
+/// `println!` for a command's answer, except that a closed stdout (`processor dlq list |
+/// head`) ends the command quietly with success instead of a panic: std's `println!` panics
+/// when the reader has gone. What the command did before printing stays done; messages it
+/// still held go back to their queue when its connection closes.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::ops::write_answer(format_args!($($arg)*), true)
+    };
+}
+
+/// [`say!`] without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {
+        $crate::ops::write_answer(format_args!($($arg)*), false)
+    };
+}
 
 pub mod access;
 pub mod dead_letters;
@@ -40,4 +57,28 @@ pub async fn to_work_queue(
     properties: BasicProperties,
 ) -> Result<(), ConfirmError> {
     publish_confirmed(channel, "", &topology.work_queue, body, properties).await
+}
+
+/// Writes a command's answer to stdout; see [`say!`].
+pub fn write_answer(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                stdout.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) => {
+            eprintln!("error: cannot write the answer to stdout: {error}");
+            std::process::exit(1)
+        }
+    }
 }

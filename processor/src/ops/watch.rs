@@ -64,7 +64,7 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<ExitCode> {
             rates: rates(&previous, &current),
             sample: current,
         };
-        print!("{}", plain(&view));
+        say_raw!("{}", plain(&view));
         return Ok(ExitCode::SUCCESS);
     }
 

@@ -244,3 +244,27 @@ async fn events_replay_reenqueues_from_the_log(pool: PgPool) {
         "replay is idempotent"
     );
 }
+
+/// A reader that goes away (`processor events show … | head -1`) ends the command quietly
+/// with success, not with a panic about a broken pipe.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_closed_stdout_ends_a_command_quietly(pool: PgPool) {
+    seed_catalog(&pool).await;
+    let event = message(paid_session_body("evt_pipe", "pi_pipe", 1999));
+    handle(&pool, &event).await.unwrap();
+    let mut command = processor(&pool, &test_prefix());
+    command
+        .args(["events", "show", "evt_pipe"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    // Closed before the command writes its first line.
+    drop(child.stdout.take());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+}
