@@ -62,6 +62,9 @@ else
     config=(--offline --config "$tmp/deny.toml")
 fi
 
+# cargo-deny reads the whole graph (`cargo metadata`), every platform's crates included,
+# and offline it cannot download the ones a build for this platform never needed.
+cargo fetch --locked || die "cannot fetch the crates of Cargo.lock (is the registry reachable?)"
 cargo deny --locked "${config[@]}" check --hide-inclusion-graph advisories bans licenses sources
 cargo machete
 echo "check-deps: cargo deny and cargo machete OK"
