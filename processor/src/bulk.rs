@@ -194,6 +194,7 @@ async fn create_purchases<'c>(
         .collect();
     let all_terms = terms::load(conn, &lookups).await?;
 
+    let mut owners = Vec::with_capacity(requests.len());
     let mut rows = Vec::with_capacity(requests.len());
     for ((candidate, request, status), terms) in requests.into_iter().zip(all_terms) {
         let Some(terms) = terms else { continue };
@@ -204,17 +205,20 @@ async fn create_purchases<'c>(
         if let Ok(row) =
             NewPurchase::build(request, status, &terms, candidate.prepared.at, event_id)
         {
-            rows.push((candidate, row));
+            owners.push(candidate);
+            rows.push(row);
         }
     }
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let just_rows: Vec<NewPurchase> = rows.iter().map(|(_, row)| row.clone()).collect();
-    let inserted: HashSet<uuid::Uuid> = new_purchase::insert(conn, &just_rows)
+    let inserted: HashSet<uuid::Uuid> = new_purchase::insert(conn, &rows)
         .await?
         .into_iter()
         .collect();
-    rows.retain(|(_, row)| inserted.contains(&row.id));
-    Ok(rows)
+    Ok(owners
+        .into_iter()
+        .zip(rows)
+        .filter(|(_, row)| inserted.contains(&row.id))
+        .collect())
 }

@@ -18,24 +18,53 @@ fn intent_succeeded(n: &str) -> EventMessage {
     message(serde_json::to_vec(&event).unwrap())
 }
 
-/// It takes new payments and events that are only recorded, one per payment and per
-/// (customer, content) pair, and leaves everything else to the per-event path untouched.
-#[sqlx::test(migrations = "../migrations")]
-async fn the_set_based_path_takes_the_plain_events_and_leaves_the_rest(pool: PgPool) {
-    seed_catalog(&pool).await;
-    let (a, b, c, known) = (
-        Payment::new(&pool, "a").await,
-        Payment::new(&pool, "b").await,
-        Payment::new(&pool, "c").await,
-        Payment::new(&pool, "known").await,
-    );
+/// The payments both tests mix: four new ones, a second payment of `a`'s content (its
+/// twin), one handled before the batch, and one for content that does not exist.
+struct Mix {
+    a: Payment,
+    b: Payment,
+    c: Payment,
+    d: Payment,
+    twin: Payment,
+    known: Payment,
+    unknown_content: Payment,
+}
+
+async fn mix(pool: &PgPool) -> Mix {
+    seed_catalog(pool).await;
+    let a = Payment::new(pool, "a").await;
     let twin = Payment {
         n: "twin".into(),
         content: a.content,
     };
-    handle(&pool, &known.paid()).await.unwrap();
-    let mut unknown_content = Payment::new(&pool, "gone").await;
+    let known = Payment::new(pool, "known").await;
+    handle(pool, &known.paid()).await.unwrap();
+    let mut unknown_content = Payment::new(pool, "gone").await;
     unknown_content.content = uuid::Uuid::new_v4();
+    Mix {
+        a,
+        b: Payment::new(pool, "b").await,
+        c: Payment::new(pool, "c").await,
+        d: Payment::new(pool, "d").await,
+        twin,
+        known,
+        unknown_content,
+    }
+}
+
+/// It takes new payments and events that are only recorded, one per payment and per
+/// (customer, content) pair, and leaves everything else to the per-event path untouched.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_set_based_path_takes_the_plain_events_and_leaves_the_rest(pool: PgPool) {
+    let Mix {
+        a,
+        b,
+        c,
+        twin,
+        known,
+        unknown_content,
+        ..
+    } = mix(&pool).await;
 
     let batch = [
         a.paid(),                                                        // 0 taken: new purchase
@@ -125,27 +154,21 @@ async fn the_set_based_path_takes_the_plain_events_and_leaves_the_rest(pool: PgP
 /// per-event rules say, whichever path it took.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_mixed_batch_ends_as_if_each_event_ran_alone(pool: PgPool) {
-    seed_catalog(&pool).await;
     let mut settings = settings(&test_prefix(), vec![ms(200)], 3);
     settings.concurrency = 1;
     settings.batch = processor::worker::BatchLimits {
         size: 64,
         wait: ms(500),
     };
-    let (a, b, c, d, known) = (
-        Payment::new(&pool, "a").await,
-        Payment::new(&pool, "b").await,
-        Payment::new(&pool, "c").await,
-        Payment::new(&pool, "d").await,
-        Payment::new(&pool, "known").await,
-    );
-    let twin = Payment {
-        n: "twin".into(),
-        content: a.content,
-    };
-    handle(&pool, &known.paid()).await.unwrap();
-    let mut unknown_content = Payment::new(&pool, "gone").await;
-    unknown_content.content = uuid::Uuid::new_v4();
+    let Mix {
+        a,
+        b,
+        c,
+        d,
+        twin,
+        known,
+        unknown_content,
+    } = mix(&pool).await;
     let batch = [
         a.paid(),
         twin.paid(),
