@@ -164,14 +164,15 @@ pub struct EndToEnd {
 /// Most pending payment intents one poll asks about (the oldest first).
 const POLL_BATCH: usize = 5_000;
 
-/// Open loop at `--e2e-rate` with the processor running; every accepted event is watched
-/// until its purchase is committed.
+/// Open loop at `--e2e-rate` against `url` (ingest with the processor running, or the
+/// reference pipeline); every accepted event is watched until its purchase is committed.
 pub async fn end_to_end(
-    world: &mut World,
+    pool: &PgPool,
+    url: String,
     options: &Options,
     events: &[Event],
 ) -> anyhow::Result<EndToEnd> {
-    let pool = world.pool()?.clone();
+    let pool = pool.clone();
     let pending = Arc::new(Pending::default());
     let sending_done = Arc::new(AtomicBool::new(false));
     let poller = tokio::spawn(poll(
@@ -182,7 +183,7 @@ pub async fn end_to_end(
         options.stall_timeout,
     ));
     let sent = load::open_loop(
-        world.webhook_url()?,
+        url,
         events,
         options.e2e_rate,
         options.open_max_in_flight,

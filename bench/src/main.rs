@@ -10,10 +10,13 @@
 //!   shapes: the processor's own transaction, and the 3-insert one (event, purchase,
 //!   access) that the drain is compared with;
 //! - `ref-ingest`: a minimal receiver (axum, HMAC check, confirmed publish; `reference.rs`)
-//!   in a child process, driven like ingest's closed loop: what ingest is compared with;
+//!   in a child process, driven like ingest's closed loop and open loop: what ingest's
+//!   rate and latency are compared with;
 //! - `ingest`: closed loop (N in flight) and open loop (fixed rate, half the reference's,
 //!   latency from the scheduled send time) against ingest, no processor running;
 //! - `drain`: the processor started on the backlog the ingest phases left; drain rate;
+//! - `ref-e2e`: the reference receiver and a minimal batch consumer (`ref_consumer.rs`) at
+//!   the e2e rate: the POST→commit latency this machine allows a pipeline;
 //! - `e2e`: open loop at a fixed rate with the processor running; POST→commit latency.
 //!
 //! Everything it made is removed at the end (database unless `--keep`, queues, exchanges,
@@ -27,6 +30,7 @@ mod histogram;
 mod load;
 mod raw;
 mod raw_db;
+mod ref_consumer;
 mod reference;
 mod report;
 mod resources;
@@ -55,7 +59,8 @@ struct Cli {
 
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 enum Phase {
-    /// Everything below, in this order: raw-broker, raw-db, ref-ingest, ingest, drain, e2e.
+    /// Everything below, in this order: raw-broker, raw-db, ref-ingest, ingest, drain,
+    /// ref-e2e, e2e.
     All,
     /// Persistent publish-with-confirm of the event bodies to a fresh quorum queue.
     RawBroker,
@@ -70,11 +75,17 @@ enum Phase {
     Ingest,
     /// A closed-loop backlog through ingest, then the processor drains it.
     Drain,
-    /// Open loop at --e2e-rate with the processor running; POST→commit latency.
+    /// The reference receiver and a minimal consumer writing the 3-insert shape in
+    /// batches, open loop at --e2e-rate; POST→commit latency.
+    RefE2e,
+    /// Ref-e2e, then open loop at --e2e-rate with the processor running; POST→commit latency.
     E2e,
     /// The reference receiver itself, started by `ref-ingest` as a child process.
     #[command(hide = true)]
     RefServer(reference::ServerArgs),
+    /// The reference consumer itself, started by `ref-e2e` as a child process.
+    #[command(hide = true)]
+    RefConsumer(ref_consumer::ConsumerArgs),
 }
 
 impl Phase {
@@ -86,8 +97,10 @@ impl Phase {
             Self::RefIngest => "ref-ingest",
             Self::Ingest => "ingest",
             Self::Drain => "drain",
+            Self::RefE2e => "ref-e2e",
             Self::E2e => "e2e",
             Self::RefServer(_) => "ref-server",
+            Self::RefConsumer(_) => "ref-consumer",
         }
     }
 }
@@ -224,11 +237,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Phase::RefServer(args) = &cli.command {
-        return match runtime.block_on(reference::serve(args.clone(), &cli.options.amqp_url)) {
+    let child = match &cli.command {
+        Phase::RefServer(args) => Some(runtime.block_on(reference::serve(
+            args.clone(),
+            &cli.options.amqp_url,
+        ))),
+        Phase::RefConsumer(args) => Some(runtime.block_on(ref_consumer::run(
+            args.clone(),
+            &cli.options.amqp_url,
+        ))),
+        _ => None,
+    };
+    if let Some(outcome) = child {
+        return match outcome {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("bench ref-server: {error:#}");
+                eprintln!("bench {}: {error:#}", cli.command.name());
                 ExitCode::FAILURE
             }
         };
@@ -322,8 +346,8 @@ async fn phases(
             "reference receiver closed loop: {} requests, {} in flight, {} publish channels",
             options.events, options.in_flight, options.ref_channels
         ));
-        let (result, cost) = reference::closed_loop(world, options).await?;
-        report.costs.push(cost);
+        let (result, costs) = reference::measure(world, options, wants(Phase::Ingest)).await?;
+        report.costs.extend(costs);
         progress(&format!(
             "reference receiver closed loop: {:.0} requests/s answered 200, {} not 200",
             result.load.rate, result.load.failed
@@ -356,7 +380,7 @@ async fn phases(
     if wants(Phase::Ingest) {
         let rate = match (options.open_rate, &report.reference) {
             (Some(rate), _) => rate,
-            (None, Some(reference)) => (reference.load.rate / 2.0).max(1.0),
+            (None, Some(reference)) => open_rate(options, reference.load.rate),
             (None, None) => bail!("--open-rate is needed when ref-ingest does not run"),
         };
         let count = open_count(rate, options.duration);
@@ -398,6 +422,21 @@ async fn phases(
         report.drain = Some(result);
     }
 
+    if wants(Phase::RefE2e) || wants(Phase::E2e) {
+        progress(&format!(
+            "reference e2e: reference receiver and consumer, open loop {:.0}/s for {}",
+            options.e2e_rate,
+            humantime::format_duration(options.duration)
+        ));
+        let (result, cost) = reference::end_to_end(world, options).await?;
+        report.costs.push(cost);
+        progress(&format!(
+            "reference e2e: POST→commit p99 {:.1} ms (seen), receiver answer p99 {:.1} ms",
+            result.visible.p99_ms, result.load.latency.p99_ms
+        ));
+        report.ref_e2e = Some(result);
+    }
+
     if wants(Phase::E2e) {
         world.start_ingest().await?;
         world.start_processor().await?;
@@ -409,7 +448,9 @@ async fn phases(
         ));
         let events = world.events("ee", count).await?;
         let cpu = world.begin_phase();
-        let result = drain::end_to_end(world, options, &events).await?;
+        let url = world.webhook_url()?;
+        let pool = world.pool()?.clone();
+        let result = drain::end_to_end(&pool, url, options, &events).await?;
         report.costs.push(world.end_phase(cpu, "e2e"));
         progress(&format!(
             "e2e: POST→commit p99 {:.1} ms (seen), ingest answer p99 {:.1} ms",
@@ -435,6 +476,14 @@ pub async fn stop_signal() -> &'static str {
             "Ctrl-C"
         }
     }
+}
+
+/// The rate of the open loops of ingest and of the reference: `--open-rate`, or half the
+/// reference's closed-loop rate.
+fn open_rate(options: &Options, reference_rate: f64) -> f64 {
+    options
+        .open_rate
+        .unwrap_or_else(|| (reference_rate / 2.0).max(1.0))
 }
 
 fn open_count(rate: f64, duration: Duration) -> u64 {

@@ -32,6 +32,7 @@ use shared::contract::EventMessage;
 use shared::signature::{DEFAULT_TOLERANCE_SECS, WebhookSecret, verify};
 
 use crate::Options;
+use crate::drain::{self, EndToEnd};
 use crate::load::{self, LoadResult};
 use crate::resources::PhaseCost;
 use crate::world::World;
@@ -154,31 +155,99 @@ async fn receive(
 pub struct Reference {
     /// Publish channels the reference used (ingest's default count).
     pub channels: u16,
+    /// Closed loop, the ingest closed loop's generator and settings.
     pub load: LoadResult,
+    /// Open loop at the rate of ingest's open loop: the latency ceiling of that figure.
+    pub open: Option<LoadResult>,
 }
 
 /// Starts the reference on a fresh queue, drives it with the ingest closed loop's
-/// generator and settings (`--events` requests, `--in-flight` workers), stops it, and
+/// generator and settings (`--events` requests, `--in-flight` workers), then, if `open`,
+/// with the ingest open loop's (`open_rate(closed rate)` for `--duration`); stops it and
 /// deletes its queue so that the next phase starts from the same broker state.
-pub async fn closed_loop(
+pub async fn measure(
     world: &mut World,
     options: &Options,
-) -> anyhow::Result<(Reference, PhaseCost)> {
+    open: bool,
+) -> anyhow::Result<(Reference, Vec<PhaseCost>)> {
     let prefix = format!("{}.ref", world.prefix);
     let topology = world.declare(&prefix).await?;
+    let outcome = drive(world, options, &topology, open).await;
+    world.stop_reference().await;
+    world.delete_topology(&topology).await;
+    outcome
+}
+
+async fn drive(
+    world: &mut World,
+    options: &Options,
+    topology: &shared::topology::Topology,
+    open: bool,
+) -> anyhow::Result<(Reference, Vec<PhaseCost>)> {
     world
         .start_reference(&topology.exchange, options.ref_channels)
         .await?;
     let events = world.events("rc", options.events).await?;
     let url = world.reference_url()?;
     let cpu = world.begin_phase();
-    let result = load::closed_loop(url, &events, options.in_flight).await;
-    let cost = world.end_phase(cpu, "reference closed loop");
-    world.stop_reference().await;
-    world.delete_topology(&topology).await;
-    let reference = Reference {
+    let result = load::closed_loop(url.clone(), &events, options.in_flight).await;
+    let mut costs = vec![world.end_phase(cpu, "reference closed loop")];
+    let mut reference = Reference {
         channels: options.ref_channels,
         load: result?,
+        open: None,
     };
-    Ok((reference, cost))
+    if open {
+        let rate = crate::open_rate(options, reference.load.rate);
+        let count = crate::open_count(rate, options.duration);
+        crate::progress(&format!(
+            "reference open loop: {rate:.0}/s for {} ({count} requests)",
+            humantime::format_duration(options.duration)
+        ));
+        let events = world.events("ro", count).await?;
+        let cpu = world.begin_phase();
+        let result =
+            load::open_loop(url, &events, rate, options.open_max_in_flight, None).await?;
+        costs.push(world.end_phase(cpu, "reference open loop"));
+        crate::progress(&format!(
+            "reference open loop: p99 {:.2} ms, {} not 200",
+            result.latency.p99_ms, result.failed
+        ));
+        reference.open = Some(result);
+    }
+    Ok((reference, costs))
+}
+
+/// The reference pipeline at the e2e rate: the reference receiver publishing to a fresh
+/// queue, the reference consumer (`ref_consumer.rs`) writing its purchases, the same open
+/// loop and commit poller as `e2e`. What the machine allows the pipeline's latency.
+pub async fn end_to_end(
+    world: &mut World,
+    options: &Options,
+) -> anyhow::Result<(EndToEnd, PhaseCost)> {
+    let prefix = format!("{}.refp", world.prefix);
+    let topology = world.declare(&prefix).await?;
+    let outcome = pipeline(world, options, &topology).await;
+    world.stop_reference().await;
+    world.delete_topology(&topology).await;
+    outcome
+}
+
+async fn pipeline(
+    world: &mut World,
+    options: &Options,
+    topology: &shared::topology::Topology,
+) -> anyhow::Result<(EndToEnd, PhaseCost)> {
+    world
+        .start_reference(&topology.exchange, options.ref_channels)
+        .await?;
+    world.start_ref_consumer(&topology.work_queue).await?;
+    let count = crate::open_count(options.e2e_rate, options.duration);
+    let events = world.events("re", count).await?;
+    let url = world.reference_url()?;
+    let pool = world.pool()?.clone();
+    let cpu = world.begin_phase();
+    let result = drain::end_to_end(&pool, url, options, &events).await;
+    let cost = world.end_phase(cpu, "reference e2e");
+    Ok((result?, cost))
 }

@@ -28,6 +28,8 @@ pub struct Report {
     pub ingest_closed: Option<LoadResult>,
     pub ingest_open: Option<LoadResult>,
     pub drain: Option<Drain>,
+    /// The reference pipeline (reference receiver and consumer) at the e2e rate.
+    pub ref_e2e: Option<EndToEnd>,
     pub e2e: Option<EndToEnd>,
     pub rss: Option<Rss>,
     /// CPU and peak RSS of each phase.
@@ -73,6 +75,7 @@ impl Report {
             ingest_closed: None,
             ingest_open: None,
             drain: None,
+            ref_e2e: None,
             e2e: None,
             rss: None,
             costs: Vec::new(),
@@ -130,7 +133,7 @@ impl Report {
             out.push('\n');
         }
 
-        let mut rows = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
         if let Some(r) = &self.raw_broker {
             rows.push((
                 format!(
@@ -172,6 +175,15 @@ impl Report {
                 r.load.rate,
                 r.load.latency.clone(),
             ));
+            if let Some(open) = &r.open {
+                rows.push((
+                    load_name("minimal reference", open),
+                    open.requests,
+                    failures(open),
+                    open.rate,
+                    open.latency.clone(),
+                ));
+            }
         }
         for load in [&self.ingest_closed, &self.ingest_open]
             .into_iter()
@@ -185,38 +197,13 @@ impl Report {
                 load.latency.clone(),
             ));
         }
-        if let Some(e2e) = &self.e2e {
-            rows.push((
-                format!("{}, answer", load_name("e2e: ingest", &e2e.load)),
-                e2e.load.requests,
-                failures(&e2e.load),
-                e2e.load.rate,
-                e2e.load.latency.clone(),
-            ));
-            rows.push((
-                format!(
-                    "e2e: POST→commit seen by a poll every {:.0} ms",
-                    e2e.poll_interval_ms
-                ),
-                e2e.expected,
-                missing(e2e.expected, e2e.committed),
-                0.0,
-                e2e.visible.clone(),
-            ));
-            rows.push((
-                "e2e: one poll for commits (resolution of the above)".to_owned(),
-                e2e.poll_query.count,
-                "0".to_owned(),
-                0.0,
-                e2e.poll_query.clone(),
-            ));
-            rows.push((
-                "e2e: POST→purchases.created_at (tx start)".to_owned(),
-                e2e.expected,
-                missing(e2e.expected, e2e.committed),
-                0.0,
-                e2e.created_at.clone(),
-            ));
+        for (name, receiver, e2e) in [
+            ("ref-e2e", "reference receiver", &self.ref_e2e),
+            ("e2e", "ingest", &self.e2e),
+        ] {
+            if let Some(e2e) = e2e {
+                end_to_end_rows(&mut rows, name, receiver, e2e);
+            }
         }
         if !rows.is_empty() {
             out.push_str(
@@ -325,6 +312,42 @@ impl Report {
 /// Seconds between the last answer and the last commit beyond which e2e says that the
 /// processor did not keep up.
 const BACKLOG_TAIL_S: f64 = 0.5;
+
+type Row = (String, u64, String, f64, Summary);
+
+fn end_to_end_rows(rows: &mut Vec<Row>, name: &str, receiver: &str, e2e: &EndToEnd) {
+    rows.push((
+        format!("{}, answer", load_name(&format!("{name}: {receiver}"), &e2e.load)),
+        e2e.load.requests,
+        failures(&e2e.load),
+        e2e.load.rate,
+        e2e.load.latency.clone(),
+    ));
+    rows.push((
+        format!(
+            "{name}: POST→commit seen by a poll every {:.0} ms",
+            e2e.poll_interval_ms
+        ),
+        e2e.expected,
+        missing(e2e.expected, e2e.committed),
+        0.0,
+        e2e.visible.clone(),
+    ));
+    rows.push((
+        format!("{name}: one poll for commits (resolution of the above)"),
+        e2e.poll_query.count,
+        "0".to_owned(),
+        0.0,
+        e2e.poll_query.clone(),
+    ));
+    rows.push((
+        format!("{name}: POST→purchases.created_at (tx start)"),
+        e2e.expected,
+        missing(e2e.expected, e2e.committed),
+        0.0,
+        e2e.created_at.clone(),
+    ));
+}
 
 fn load_name(what: &str, load: &LoadResult) -> String {
     match (load.in_flight, load.target_rate) {

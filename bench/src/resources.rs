@@ -30,7 +30,8 @@ pub struct PhaseCost {
     pub bench_cores: f64,
     pub ingest_cores: f64,
     pub processor_cores: f64,
-    /// The reference receiver (`ref-ingest`), a child process like ingest.
+    /// The reference receiver (`ref-ingest`), and in `ref-e2e` its consumer too: child
+    /// processes like ingest and the processor.
     pub reference_cores: f64,
     /// Everything else: mostly RabbitMQ and PostgreSQL.
     pub other_cores: f64,
@@ -86,7 +87,9 @@ pub fn process_ticks(pid: Option<u32>) -> u64 {
 }
 
 impl CpuSample {
-    pub fn take(ingest: Option<u32>, processor: Option<u32>, reference: Option<u32>) -> Self {
+    /// `reference`: the reference's processes (its receiver, and its consumer in `ref-e2e`),
+    /// counted together.
+    pub fn take(ingest: Option<u32>, processor: Option<u32>, reference: &[u32]) -> Self {
         let (machine_busy, machine_total) = machine();
         Self {
             at: Some(std::time::Instant::now()),
@@ -95,7 +98,7 @@ impl CpuSample {
             bench: process_ticks(None),
             ingest: ingest.map_or(0, |pid| process_ticks(Some(pid))),
             processor: processor.map_or(0, |pid| process_ticks(Some(pid))),
-            reference: reference.map_or(0, |pid| process_ticks(Some(pid))),
+            reference: reference.iter().map(|&pid| process_ticks(Some(pid))).sum(),
         }
     }
 

@@ -47,6 +47,8 @@ pub struct World {
     processor_port: u16,
     reference: Option<Service>,
     reference_port: u16,
+    /// The reference consumer of `ref-e2e` (`bench ref-consumer`).
+    ref_consumer: Option<Service>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -87,6 +89,7 @@ impl World {
             processor_port: 0,
             reference: None,
             reference_port: 0,
+            ref_consumer: None,
         })
     }
 
@@ -332,14 +335,68 @@ impl World {
         ready
     }
 
-    /// Stops the reference so that it takes nothing from the phases after its own; its
-    /// peak RSS stays readable in `Service::peak_rss_kb`.
-    pub async fn stop_reference(&mut self) {
-        if let Some(service) = self.reference.as_mut()
-            && let Err(error) = service.stop(Duration::from_secs(30)).await
-        {
-            crate::progress(&format!("cannot stop the reference: {error:#}"));
+    /// Starts the reference consumer (`bench ref-consumer`) on `queue`, writing to the
+    /// bench database. It has no probe: it is ready once its consumer is registered on the
+    /// queue, which the broker tells.
+    pub async fn start_ref_consumer(&mut self, queue: &str) -> anyhow::Result<()> {
+        if self.ref_consumer.is_some() {
+            return Ok(());
         }
+        let exe = std::env::current_exe().context("cannot find the bench binary itself")?;
+        let args = [
+            "ref-consumer",
+            "--queue",
+            queue,
+            "--database-url",
+            &self.db_url,
+            "--amqp-url",
+            &self.amqp_url,
+        ];
+        let service = Service::start(
+            "reference consumer",
+            &exe,
+            &args,
+            &[],
+            self.log("reference-consumer")?,
+        )?;
+        self.ref_consumer = Some(service);
+        let channel = self.channel().await?.clone();
+        let started = std::time::Instant::now();
+        loop {
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot inspect the queue {queue}"))?;
+            if declared.consumer_count() > 0 {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the reference consumer did not start consuming {queue} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the reference (and its consumer) so that it takes nothing from the phases
+    /// after its own; its peak RSS stays readable in `Service::peak_rss_kb`.
+    pub async fn stop_reference(&mut self) {
+        for service in [self.reference.as_mut(), self.ref_consumer.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(error) = service.stop(Duration::from_secs(30)).await {
+                crate::progress(&format!("cannot stop the {}: {error:#}", service.name));
+            }
+        }
+        self.reference = None;
+        self.ref_consumer = None;
     }
 
     pub fn reference_url(&self) -> anyhow::Result<String> {
@@ -368,6 +425,7 @@ impl World {
             self.ingest.as_mut(),
             self.processor.as_mut(),
             self.reference.as_mut(),
+            self.ref_consumer.as_mut(),
         ]
         .into_iter()
         .flatten()
@@ -379,10 +437,15 @@ impl World {
     }
 
     fn cpu_sample(&self) -> CpuSample {
+        let reference: Vec<u32> = [self.reference.as_ref(), self.ref_consumer.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(Service::pid)
+            .collect();
         CpuSample::take(
             self.ingest.as_ref().map(Service::pid),
             self.processor.as_ref().map(Service::pid),
-            self.reference.as_ref().map(Service::pid),
+            &reference,
         )
     }
 
@@ -431,6 +494,7 @@ impl World {
             self.ingest.as_mut(),
             self.processor.as_mut(),
             self.reference.as_mut(),
+            self.ref_consumer.as_mut(),
         ]
         .into_iter()
         .flatten()
