@@ -111,7 +111,8 @@ pub fn figures(report: &Report) -> Vec<Target> {
         let rate = e2e.load.target_rate.unwrap_or(0.0);
         let complete = e2e.committed == e2e.expected && e2e.load.failed == 0;
         let reference = report.ref_e2e.as_ref();
-        let ceiling = |figure: Target, value: &dyn Fn(&EndToEnd) -> f64, what: &str| match reference {
+        let ceiling = |figure: Target, value: &dyn Fn(&EndToEnd) -> f64, what: &str| match reference
+        {
             Some(r) => {
                 let v = value(r);
                 figure.against(v, format!("{what}: {} ms", number(v)))

@@ -238,14 +238,12 @@ fn main() -> ExitCode {
         }
     };
     let child = match &cli.command {
-        Phase::RefServer(args) => Some(runtime.block_on(reference::serve(
-            args.clone(),
-            &cli.options.amqp_url,
-        ))),
-        Phase::RefConsumer(args) => Some(runtime.block_on(ref_consumer::run(
-            args.clone(),
-            &cli.options.amqp_url,
-        ))),
+        Phase::RefServer(args) => {
+            Some(runtime.block_on(reference::serve(args.clone(), &cli.options.amqp_url)))
+        }
+        Phase::RefConsumer(args) => {
+            Some(runtime.block_on(ref_consumer::run(args.clone(), &cli.options.amqp_url)))
+        }
         _ => None,
     };
     if let Some(outcome) = child {

@@ -206,8 +206,7 @@ async fn drive(
         ));
         let events = world.events("ro", count).await?;
         let cpu = world.begin_phase();
-        let result =
-            load::open_loop(url, &events, rate, options.open_max_in_flight, None).await?;
+        let result = load::open_loop(url, &events, rate, options.open_max_in_flight, None).await?;
         costs.push(world.end_phase(cpu, "reference open loop"));
         crate::progress(&format!(
             "reference open loop: p99 {:.2} ms, {} not 200",

@@ -317,7 +317,10 @@ type Row = (String, u64, String, f64, Summary);
 
 fn end_to_end_rows(rows: &mut Vec<Row>, name: &str, receiver: &str, e2e: &EndToEnd) {
     rows.push((
-        format!("{}, answer", load_name(&format!("{name}: {receiver}"), &e2e.load)),
+        format!(
+            "{}, answer",
+            load_name(&format!("{name}: {receiver}"), &e2e.load)
+        ),
         e2e.load.requests,
         failures(&e2e.load),
         e2e.load.rate,

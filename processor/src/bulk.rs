@@ -44,22 +44,22 @@ enum Shape {
     },
 }
 
-struct Candidate {
+/// An event of the batch that may take the set-based path; see [`candidates`].
+pub struct Candidate {
     index: usize,
     prepared: Prepared,
     shape: Shape,
 }
 
-/// Handles what it can of `messages` in the caller's transaction. Returns, per message,
-/// its outcome, or `None` when it is left to the per-event path. `Err` is a failed
+/// Handles the `candidates` of `messages` in the caller's transaction. Returns, per
+/// message, its outcome, or `None` when it is left to the per-event path. `Err` is a failed
 /// statement: the transaction is lost, as with any database error.
 pub async fn handle(
     conn: &mut PgConnection,
     messages: &[&EventMessage],
-    modes: &EndpointModes,
+    candidates: Vec<Candidate>,
 ) -> Result<Vec<Option<Outcome>>, ProcessError> {
     let mut outcomes = vec![None; messages.len()];
-    let candidates = candidates(messages, modes);
     if candidates.is_empty() {
         return Ok(outcomes);
     }
@@ -118,8 +118,10 @@ pub async fn handle(
 }
 
 /// The events of the batch that may take the set-based path: at most one per payment and
-/// per (customer, content) pair, so that no two of them decide from the same state.
-fn candidates(messages: &[&EventMessage], modes: &EndpointModes) -> Vec<Candidate> {
+/// per (customer, content) pair, so that no two of them decide from the same state. Pure
+/// work on the bodies (parsing, planning), done before the transaction opens so that no
+/// transaction stays open while it runs.
+pub fn candidates(messages: &[&EventMessage], modes: &EndpointModes) -> Vec<Candidate> {
     let mut seen_events = HashSet::new();
     let mut seen_intents = HashSet::new();
     let mut seen_sessions = HashSet::new();

@@ -228,8 +228,8 @@ pub(crate) struct Prepared {
     pub at: DateTime<Utc>,
     pub livemode: bool,
     pub api_version: Option<String>,
-    /// The body for the queryable `payload` column.
-    pub payload: Value,
+    /// The body as the JSON text of the queryable `payload` column.
+    pub payload: String,
 }
 
 /// Parses the body and decides the event's effect. An event of the other mode than its
@@ -254,7 +254,7 @@ pub(crate) fn prepare(
         at: created_at(&envelope),
         livemode: envelope.livemode,
         api_version: envelope.api_version,
-        payload: events::payload_json(&message.body),
+        payload: events::payload_text(&message.body).into_owned(),
     })
 }
 

@@ -103,6 +103,14 @@ async fn run(
     console_args: ConsoleArgs,
 ) -> anyhow::Result<ExitCode> {
     tracing::info!(?database, ?worker, ?console_args, "starting processor");
+    if worker.partial_batches > worker.concurrency {
+        anyhow::bail!(
+            "PROCESSOR_PARTIAL_BATCHES ({}) must not exceed PROCESSOR_CONCURRENCY ({}): \
+             partial batches are some of the concurrent ones",
+            worker.partial_batches,
+            worker.concurrency
+        );
+    }
     // Validated before anything starts: a bad console setting is a start-up error.
     let console_settings = console_args
         .enabled()
@@ -136,6 +144,7 @@ async fn run(
         batch: BatchLimits {
             size: usize::from(worker.batch_size),
             wait: worker.batch_wait,
+            partial: usize::from(worker.partial_batches),
         },
     };
     let shutdown = CancellationToken::new();

@@ -1,5 +1,7 @@
 //! The `stripe_events` log: one row per Stripe event id, whatever happened to it.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
@@ -68,12 +70,30 @@ fn replace_nul(value: &mut Value) {
     }
 }
 
+/// [`payload_json`] as the JSON text the `payload` column is written from (bound as text,
+/// cast to `jsonb` by the statement). A body that serde_json reads as JSON and that holds
+/// no `\u0000` escape is that text itself, borrowed: the common case costs one validating
+/// pass, not a `Value` tree built, serialized and dropped. Anything else goes through
+/// [`payload_json`]. What serde_json accepts, `jsonb` accepts too (it refuses only the NUL
+/// escape, which takes the other path).
+pub fn payload_text(body: &[u8]) -> Cow<'_, str> {
+    const NUL_ESCAPE: &[u8] = b"\\u0000";
+    if let Ok(text) = std::str::from_utf8(body)
+        && !body.windows(NUL_ESCAPE.len()).any(|w| w == NUL_ESCAPE)
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(payload_json(body).to_string())
+}
+
 /// What the event log keeps of a delivery besides its id and type.
 #[derive(Debug, Clone, Copy)]
 pub struct Received<'a> {
     pub livemode: bool,
     pub api_version: Option<&'a str>,
-    pub payload: &'a Value,
+    /// [`payload_text`] of the body.
+    pub payload: &'a str,
 }
 
 /// Records a delivery of the event and locks its row until the transaction ends. Returns
@@ -87,7 +107,7 @@ pub async fn claim(
     // A row first written by `strike` or `record_failure` gets its full record here.
     sqlx::query_scalar(
         "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, body, api_version, status, attempts, received_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'received', 1, $8)
+         VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, 'received', 1, $8)
          ON CONFLICT (id) DO UPDATE
             SET attempts = stripe_events.attempts + 1, updated_at = now(),
                 body = COALESCE(stripe_events.body, EXCLUDED.body),
@@ -130,8 +150,8 @@ pub async fn claim_new(
     }
     sqlx::query_scalar(
         "INSERT INTO stripe_events (id, type, endpoint, livemode, payload, body, api_version, status, attempts, received_at)
-         SELECT id, type, endpoint, livemode, payload, body, api_version, 'received', 0, received_at
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::jsonb[], $6::bytea[], $7::text[], $8::timestamptz[])
+         SELECT id, type, endpoint, livemode, payload::jsonb, body, api_version, 'received', 0, received_at
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bytea[], $7::text[], $8::timestamptz[])
                 AS e(id, type, endpoint, livemode, payload, body, api_version, received_at)
           ORDER BY id
          ON CONFLICT (id) DO NOTHING

@@ -51,7 +51,7 @@ use lapin::{Channel, Connection, Consumer};
 use shared::broker::{AmqpUrls, BrokerError};
 use shared::topology::{QueueSettings, Topology};
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -221,6 +221,9 @@ impl Worker {
             ));
         }
         let permits = Arc::new(Semaphore::new(settings.concurrency));
+        let partial = Arc::new(Semaphore::new(
+            settings.batch.partial.clamp(1, settings.concurrency.max(1)),
+        ));
         let mut tasks = JoinSet::new();
         let mut held = None;
         let end = loop {
@@ -234,11 +237,13 @@ impl Worker {
                 },
                 () = shutdown.cancelled() => break SessionEnd::Shutdown,
             };
-            let (batch, end) = collect(&mut consumer, &mut held, settings.batch, shutdown).await;
+            let (batch, partial_permit, end) =
+                collect(&mut consumer, &mut held, settings.batch, &partial, shutdown).await;
             if !batch.is_empty() {
                 let context = Arc::clone(&context);
                 tasks.spawn(async move {
                     batch::run(&context, batch).await;
+                    drop(partial_permit);
                     drop(permit);
                 });
             }
@@ -270,7 +275,10 @@ impl Worker {
 }
 
 /// Waits for a first delivery, then gathers more until the batch is full or the first one
-/// has waited `limits.wait`. Returns the batch and, when consuming must stop, why.
+/// has waited `limits.wait`. A batch that is not full then needs one of the `partial`
+/// permits (see [`BatchLimits::partial`]); while it waits for one it goes on gathering, and
+/// goes without a permit once full. Returns the batch, its permit and, when consuming must
+/// stop, why.
 ///
 /// A redelivered message makes a batch of its own: it may be the one that crashed the
 /// processor, and it must not take neighbours down with it again. One met while gathering
@@ -279,35 +287,47 @@ async fn collect(
     consumer: &mut Consumer,
     held: &mut Option<Delivery>,
     limits: BatchLimits,
+    partial: &Arc<Semaphore>,
     shutdown: &CancellationToken,
-) -> (Vec<Delivery>, Option<SessionEnd>) {
+) -> (
+    Vec<Delivery>,
+    Option<OwnedSemaphorePermit>,
+    Option<SessionEnd>,
+) {
     let mut batch = Vec::with_capacity(limits.size);
     if let Some(suspect) = held.take() {
         batch.push(suspect);
-        return (batch, None);
+        return (batch, None, None);
     }
     let first = tokio::select! {
         delivery = consumer.next() => delivery,
-        () = shutdown.cancelled() => return (batch, Some(SessionEnd::Shutdown)),
+        () = shutdown.cancelled() => return (batch, None, Some(SessionEnd::Shutdown)),
     };
     match next_delivery(first) {
         Ok(delivery) if delivery.redelivered => {
             batch.push(delivery);
-            return (batch, None);
+            return (batch, None, None);
         }
         Ok(delivery) => batch.push(delivery),
-        Err(end) => return (batch, Some(end)),
+        Err(end) => return (batch, None, Some(end)),
     }
     let deadline = tokio::time::Instant::now() + limits.wait;
+    let mut waiting_for_permit = false;
     while batch.len() < limits.size {
         let delivery = tokio::select! {
             // Deliveries already received come first, also once the wait is over: with a
             // wait of zero, a batch is whatever arrived while the previous ones ran.
             biased;
             delivery = consumer.next() => delivery,
-            () = tokio::time::sleep_until(deadline) => break,
+            () = tokio::time::sleep_until(deadline), if !waiting_for_permit => {
+                waiting_for_permit = true;
+                continue;
+            }
+            permit = Arc::clone(partial).acquire_owned(), if waiting_for_permit => {
+                return (batch, permit.ok(), None);
+            }
             // What we hold is handled and settled before stopping.
-            () = shutdown.cancelled() => return (batch, Some(SessionEnd::Shutdown)),
+            () = shutdown.cancelled() => return (batch, None, Some(SessionEnd::Shutdown)),
         };
         match next_delivery(delivery) {
             Ok(delivery) if delivery.redelivered => {
@@ -315,10 +335,17 @@ async fn collect(
                 break;
             }
             Ok(delivery) => batch.push(delivery),
-            Err(end) => return (batch, Some(end)),
+            Err(end) => return (batch, None, Some(end)),
         }
     }
-    (batch, None)
+    if batch.len() >= limits.size {
+        return (batch, None, None);
+    }
+    // Cut short by a redelivered message: still one partial batch among the others.
+    tokio::select! {
+        permit = Arc::clone(partial).acquire_owned() => (batch, permit.ok(), None),
+        () = shutdown.cancelled() => (batch, None, Some(SessionEnd::Shutdown)),
+    }
 }
 
 fn next_delivery(item: Option<lapin::Result<Delivery>>) -> Result<Delivery, SessionEnd> {

@@ -79,8 +79,9 @@ async fn the_set_based_path_takes_the_plain_events_and_leaves_the_rest(pool: PgP
         a.paid(),     // 9 left: same event as 0
     ];
     let messages: Vec<&EventMessage> = batch.iter().collect();
+    let candidates = processor::bulk::candidates(&messages, &EndpointModes::default());
     let mut tx = pool.begin().await.unwrap();
-    let outcomes = processor::bulk::handle(&mut tx, &messages, &EndpointModes::default())
+    let outcomes = processor::bulk::handle(&mut tx, &messages, candidates)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -159,6 +160,7 @@ async fn a_mixed_batch_ends_as_if_each_event_ran_alone(pool: PgPool) {
     settings.batch = processor::worker::BatchLimits {
         size: 64,
         wait: ms(500),
+        partial: 1,
     };
     let Mix {
         a,

@@ -126,6 +126,7 @@ pub fn settings(prefix: &str, retry_delays: Vec<Duration>, max_attempts: u32) ->
         batch: processor::worker::BatchLimits {
             size: 16,
             wait: Duration::from_millis(5),
+            partial: 2,
         },
     }
 }

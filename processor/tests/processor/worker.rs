@@ -243,6 +243,7 @@ async fn a_batch_commits_together_and_bad_events_fail_alone(pool: PgPool) {
     settings.batch = processor::worker::BatchLimits {
         size: 32,
         wait: ms(300),
+        partial: 1,
     };
     let worker = start_worker(pool.clone(), settings).await;
     let mut good = 0;
