@@ -305,6 +305,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn payload_text_is_the_body_itself_when_jsonb_takes_it() {
+        let body = br#"{"id":"evt_1","n":[1,2.5,null],"s":"caf\u00e9 \"q\""}"#;
+        assert!(matches!(payload_text(body), Cow::Borrowed(text) if text.as_bytes() == body));
+    }
+
+    #[test]
+    fn payload_text_goes_through_the_value_when_it_must() {
+        // The NUL escape, which jsonb refuses: replaced, as payload_json does.
+        let nul = br#"{"a":"x\u0000y"}"#;
+        let text = payload_text(nul);
+        assert!(matches!(text, Cow::Owned(_)));
+        assert_eq!(text, payload_json(nul).to_string());
+        assert!(!text.contains("\\u0000"), "{text}");
+        // Not JSON, or not UTF-8: kept as a JSON string.
+        for body in [&b"not json"[..], &b"{\"a\":\xff}"[..]] {
+            let text = payload_text(body);
+            assert_eq!(text, payload_json(body).to_string());
+            assert!(serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_string()));
+        }
+    }
+
+    #[test]
     fn payload_replaces_what_jsonb_refuses() {
         let body = br#"{"a":"x\u0000y","b":[{"\u0000k":"\u0000"}],"c":"\u00e9"}"#;
         let payload = payload_json(body);

@@ -17,6 +17,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicRejectOptions;
 use shared::contract::EventMessage;
 use sqlx::PgPool;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::Context;
@@ -39,7 +40,15 @@ struct Work {
 /// Handles and settles a batch. If it panics, the deliveries not settled yet are run again
 /// one by one, so that only the one that panics goes back to the broker (redelivered, its
 /// starts are counted toward the crash limit) and its neighbours are not held hostage.
-pub(super) async fn run(context: &Context, deliveries: Vec<Delivery>) {
+///
+/// `partial` is the batch's partial-batch permit, if it has one: it is given back as soon
+/// as the transaction has ended, before the deliveries are settled, so that the next batch
+/// can start its transaction while this one's acks go out.
+pub(super) async fn run(
+    context: &Context,
+    deliveries: Vec<Delivery>,
+    partial: Option<OwnedSemaphorePermit>,
+) {
     // A redelivered message comes alone (see `collect`), and such messages are handled one
     // at a time, so that a crash while handling one blames that one only.
     let _suspect = match deliveries.as_slice() {
@@ -49,19 +58,19 @@ pub(super) async fn run(context: &Context, deliveries: Vec<Delivery>) {
     let copies: Vec<Delivery> = deliveries.iter().map(copy).collect();
     if copies.len() == 1 {
         let acker = copies[0].acker.clone();
-        if !survives(handle_batch(context, deliveries)).await {
+        if !survives(handle_batch(context, deliveries, partial)).await {
             reject_panicked(acker).await;
         }
         return;
     }
-    if !survives(handle_batch(context, deliveries)).await {
+    if !survives(handle_batch(context, deliveries, partial)).await {
         tracing::error!(
             size = copies.len(),
             "a batch panicked; handling its events one by one"
         );
         for delivery in copies.into_iter().filter(|d| d.acker.usable()) {
             let acker = delivery.acker.clone();
-            if !survives(handle_batch(context, vec![delivery])).await {
+            if !survives(handle_batch(context, vec![delivery], None)).await {
                 reject_panicked(acker).await;
             }
         }
@@ -94,7 +103,11 @@ fn copy(delivery: &Delivery) -> Delivery {
     }
 }
 
-async fn handle_batch(context: &Context, deliveries: Vec<Delivery>) {
+async fn handle_batch(
+    context: &Context,
+    deliveries: Vec<Delivery>,
+    partial: Option<OwnedSemaphorePermit>,
+) {
     let mut ready = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         if let Some(work) = admit(context, delivery).await {
@@ -147,6 +160,7 @@ async fn handle_batch(context: &Context, deliveries: Vec<Delivery>) {
             Err(error) => break vec![Err(error)],
         }
     };
+    drop(partial);
     // Everything in the batch waited for the same commit.
     let elapsed = started.elapsed();
     metrics::histogram!("processor_batch_size").record(ready.len() as f64);

@@ -242,8 +242,7 @@ impl Worker {
             if !batch.is_empty() {
                 let context = Arc::clone(&context);
                 tasks.spawn(async move {
-                    batch::run(&context, batch).await;
-                    drop(partial_permit);
+                    batch::run(&context, batch, partial_permit).await;
                     drop(permit);
                 });
             }
