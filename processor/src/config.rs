@@ -73,9 +73,10 @@ pub struct WorkerArgs {
     /// Batches not full yet (less than PROCESSOR_BATCH_SIZE events) that may run at the same
     /// time, at most PROCESSOR_CONCURRENCY. One more waits, gathering deliveries, until one
     /// of them ends or it is full: under light traffic a few transactions of several events
-    /// cost the database less than many of one or two, so events wait less (measured: at
-    /// 1,000 events/s, POST→commit p99 under 50 ms with 2 against 115–200 ms with all 8;
-    /// docs/BENCHMARKS.md). A backlog makes full batches, which use the whole concurrency.
+    /// cost the database less than many of one or two, so events wait less (measured at
+    /// 1,000 events/s: POST→commit p99 a median of 94 ms with 2 against 232 ms with all 8,
+    /// in alternated runs; docs/BENCHMARKS.md). A backlog makes full batches, which use the
+    /// whole concurrency.
     #[arg(long, env = "PROCESSOR_PARTIAL_BATCHES", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub partial_batches: u16,
