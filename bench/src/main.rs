@@ -376,10 +376,11 @@ async fn phases(
     }
 
     if wants(Phase::Ingest) {
-        let rate = match (options.open_rate, &report.reference) {
-            (Some(rate), _) => rate,
-            (None, Some(reference)) => open_rate(options, reference.load.rate),
-            (None, None) => bail!("--open-rate is needed when ref-ingest does not run"),
+        let rate = match &report.reference {
+            Some(reference) => open_rate(options, reference.load.rate),
+            None => options
+                .open_rate
+                .context("--open-rate is needed when ref-ingest does not run")?,
         };
         let count = open_count(rate, options.duration);
         progress(&format!(

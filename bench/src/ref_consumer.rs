@@ -74,9 +74,9 @@ struct Metadata {
 
 /// One batch as column arrays, bound to the statement below.
 #[derive(Default)]
-struct Columns {
+struct Columns<'a> {
     event_ids: Vec<String>,
-    bodies: Vec<String>,
+    bodies: Vec<&'a str>,
     purchase_ids: Vec<Uuid>,
     customers: Vec<Uuid>,
     contents: Vec<Uuid>,
@@ -180,7 +180,7 @@ async fn write(pool: &PgPool, batch: &[Delivery]) -> anyhow::Result<()> {
     for delivery in batch {
         let body: Body = serde_json::from_slice(&delivery.data)
             .context("a reference message is not a checkout event")?;
-        let Ok(text) = String::from_utf8(delivery.data.clone()) else {
+        let Ok(text) = std::str::from_utf8(&delivery.data) else {
             bail!("event {} is not UTF-8", body.id);
         };
         let session = body.data.object;

@@ -30,6 +30,7 @@ use serde::Serialize;
 use shared::broker::{AmqpUrls, publish_confirmed};
 use shared::contract::EventMessage;
 use shared::signature::{DEFAULT_TOLERANCE_SECS, WebhookSecret, verify};
+use shared::topology::Topology;
 
 use crate::Options;
 use crate::drain::{self, EndToEnd};
@@ -170,9 +171,22 @@ pub async fn measure(
     options: &Options,
     open: bool,
 ) -> anyhow::Result<(Reference, Vec<PhaseCost>)> {
-    let prefix = format!("{}.ref", world.prefix);
+    on_own_queue(world, "ref", async |world, topology| {
+        drive(world, options, topology, open).await
+    })
+    .await
+}
+
+/// Runs `phase` with the reference's queues declared under `<prefix>.<suffix>`, then stops
+/// the reference and deletes those queues, whatever the phase's outcome.
+async fn on_own_queue<T>(
+    world: &mut World,
+    suffix: &str,
+    phase: impl AsyncFnOnce(&mut World, &Topology) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let prefix = format!("{}.{suffix}", world.prefix);
     let topology = world.declare(&prefix).await?;
-    let outcome = drive(world, options, &topology, open).await;
+    let outcome = phase(world, &topology).await;
     world.stop_reference().await;
     world.delete_topology(&topology).await;
     outcome
@@ -181,7 +195,7 @@ pub async fn measure(
 async fn drive(
     world: &mut World,
     options: &Options,
-    topology: &shared::topology::Topology,
+    topology: &Topology,
     open: bool,
 ) -> anyhow::Result<(Reference, Vec<PhaseCost>)> {
     world
@@ -224,18 +238,16 @@ pub async fn end_to_end(
     world: &mut World,
     options: &Options,
 ) -> anyhow::Result<(EndToEnd, PhaseCost)> {
-    let prefix = format!("{}.refp", world.prefix);
-    let topology = world.declare(&prefix).await?;
-    let outcome = pipeline(world, options, &topology).await;
-    world.stop_reference().await;
-    world.delete_topology(&topology).await;
-    outcome
+    on_own_queue(world, "refp", async |world, topology| {
+        pipeline(world, options, topology).await
+    })
+    .await
 }
 
 async fn pipeline(
     world: &mut World,
     options: &Options,
-    topology: &shared::topology::Topology,
+    topology: &Topology,
 ) -> anyhow::Result<(EndToEnd, PhaseCost)> {
     world
         .start_reference(&topology.exchange, options.ref_channels)

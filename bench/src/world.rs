@@ -385,7 +385,7 @@ impl World {
     }
 
     /// Stops the reference (and its consumer) so that it takes nothing from the phases
-    /// after its own; its peak RSS stays readable in `Service::peak_rss_kb`.
+    /// after its own, and forgets them, so that a later phase can start them afresh.
     pub async fn stop_reference(&mut self) {
         for service in [self.reference.as_mut(), self.ref_consumer.as_mut()]
             .into_iter()
